@@ -1,0 +1,1 @@
+"""glmix_jax: GLMix / GLNet and ACmix vision backbones in JAX/Flax."""

@@ -1,0 +1,49 @@
+"""The model registry: ``build(name, **overrides)`` and ``list_models()``.
+
+Each family module contributes a ``VARIANTS`` table (name -> constructor
+arguments) for one Flax module class; ``build`` looks a name up and applies the
+caller's overrides, which may be any field of that class (``num_classes``,
+``drop_path_rate``, ``dtype``, ``dims``, ``depths`` ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+import flax.linen as nn
+
+from glmix_jax.models import glnet
+
+_REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
+    name: (glnet.GLNet, args) for name, args in glnet.VARIANTS.items()
+}
+
+
+def list_models(pattern: str = '*') -> list[str]:
+  """Registered model names matching a shell-style ``pattern``, sorted."""
+  return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def model_fields(name: str) -> list[str]:
+  """The fields ``build(name, ...)`` accepts as overrides."""
+  cls, _ = _lookup(name)
+  return [f.name for f in dataclasses.fields(cls)
+          if f.name not in ('parent', 'name')]
+
+
+def build(name: str, **overrides) -> nn.Module:
+  """The registered model ``name``, with fields replaced by ``overrides``."""
+  cls, defaults = _lookup(name)
+  unknown = sorted(set(overrides) - set(model_fields(name)))
+  if unknown:
+    raise ValueError(f'Unknown field(s) {unknown} for model {name!r}; valid '
+                     f'fields: {", ".join(model_fields(name))}.')
+  return cls(**{**defaults, **overrides})
+
+
+def _lookup(name: str) -> tuple[type[nn.Module], dict]:
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}; valid names: '
+                     f'{", ".join(list_models())}.')
+  return _REGISTRY[name]

@@ -1,0 +1,474 @@
+"""GLNet and its GLMix block (Zhu et al., NeurIPS 2024, arXiv 2411.14429).
+
+GLMix splits token mixing into two branches that are added (spec glnet.md §6):
+
+* a *global* branch on a small set of S = 64 semantic slots. Slots start as an
+  8x8 adaptive average pool of the block input (or a learned table). One logit
+  matrix A = alpha * unit(Z0) unit(F)^T (S x N) serves both directions:
+  ``soft_cluster`` (softmax over the N pixels: each slot is a convex combination
+  of pixel features), plain multi-head attention among the slots, and
+  ``dispatch`` (softmax over the S slots: each pixel reads a convex combination
+  of the updated slots). Cost is linear in N.
+* a *local* branch on the pixel grid: PW -> DW5x5 -> PW, no activation.
+
+Official quirks kept (spec §16): slots come from the raw block input, before
+the CPE and the norm; similarity uses unit-normalised LN features but the
+clustering aggregates the un-normalised ones; one scalar alpha per block; no
+residual, norm or MLP on the slots; the final norm is BatchNorm; adaptive-pool
+bins overlap when 8 does not divide the map side, exactly as PyTorch's; GLNet-STL
+has no position encoding. Module and parameter names mirror the official
+state_dict so that ``glmix_jax.convert`` is a rename (spec §12).
+
+Layout is NHWC throughout; maps are flattened row-major (n = y * W + x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glmix_jax.models import layers
+
+Dtype = Any
+
+LN_EPS = 1e-6  # every LayerNorm / LayerNorm2d in GLNet
+
+# Stage mixers (official ``mixing_modes`` in brackets):
+#   'glmix'      GLMix blocks                                    ['glmix']
+#   'mhsa'       ViT blocks on (B, N, C) tokens (GLNet-STL stage 4) ['mha']
+#   'mhsa_conv'  attention blocks with CPE and the conv MLP       ['mha_nchw']
+#   'hybrid'     GLMix at even, 'mhsa_conv' at odd block indices ['glmix.mha_nchw']
+MIXERS = ('glmix', 'mhsa', 'mhsa_conv', 'hybrid')
+STEMS = ('patchify', 'overlapping')
+SLOT_INITS = ('pool', 'learned')
+
+
+# ---------------------------------------------------------------------------
+# The slot operations, as pure functions.
+
+
+@functools.lru_cache(maxsize=None)
+def adaptive_pool_matrix(size: int, bins: int) -> np.ndarray:
+  """(bins, size) averaging matrix of PyTorch's AdaptiveAvgPool1d.
+
+  Bin i covers [floor(i*size/bins), ceil((i+1)*size/bins)): bins overlap when
+  ``bins`` does not divide ``size``, and repeat pixels when size < bins.
+  """
+  matrix = np.zeros((bins, size), np.float32)
+  for i in range(bins):
+    start = (i * size) // bins
+    end = -((-(i + 1) * size) // bins)
+    matrix[i, start:end] = 1.0 / (end - start)
+  return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, grid: int) -> jax.Array:
+  """(B, H, W, C) -> (B, grid, grid, C) with PyTorch's adaptive-pool bins."""
+  rows = adaptive_pool_matrix(x.shape[1], grid)
+  cols = adaptive_pool_matrix(x.shape[2], grid)
+  with jax.named_scope('adaptive_avg_pool'):  # kept out of the MAC count
+    return jnp.einsum('ih,jw,bhwc->bijc', rows, cols, x)
+
+
+def unit(v: jax.Array) -> jax.Array:
+  """v / max(||v||_2, 1e-12) over the last axis (torch ``F.normalize``)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=-1, keepdims=True))
+  return v / jnp.maximum(norm, 1e-12)
+
+
+def slot_logits(init_slots: jax.Array, features: jax.Array,
+                scale: jax.Array) -> jax.Array:
+  """A = scale * unit(Z0) unit(F)^T, (B, S, C) x (B, N, C) -> (B, S, N), f32."""
+  z = unit(init_slots.astype(jnp.float32))
+  f = unit(features.astype(jnp.float32))
+  return scale * jnp.einsum('bsc,bnc->bsn', z, f)
+
+
+def soft_cluster(logits: jax.Array, features: jax.Array) -> jax.Array:
+  """Slots as convex combinations of pixels: softmax_N(A) F -> (B, S, C)."""
+  weights = jax.nn.softmax(logits, axis=-1).astype(features.dtype)
+  return jnp.einsum('bsn,bnc->bsc', weights, features)
+
+
+def dispatch(logits: jax.Array, slots: jax.Array) -> jax.Array:
+  """Pixels as convex combinations of slots: softmax_S(A)^T Z' -> (B, N, C)."""
+  weights = jax.nn.softmax(logits, axis=1).astype(slots.dtype)
+  return jnp.einsum('bsn,bsc->bnc', weights, slots)
+
+
+# ---------------------------------------------------------------------------
+# Blocks.
+
+
+class GLMixBlock(nn.Module):
+  """One GLMix block (spec §6), torch ``GLMixBlock``; (B, H, W, C) -> same.
+
+  X <- X + CPE(X) (optional); U <- X; Y <- LN1(X)
+  X <- U + DropPath(ls1 * (dispatch(A, MHA(soft_cluster(A, Y))) + local(Y)))
+  X <- X + DropPath(ls2 * MLP(LN2(X)))
+  """
+  head_dim: int = 32
+  num_slots: int = 64
+  slot_init: str = 'pool'  # 'pool' (8x8 adaptive avg-pool) | 'learned'
+  local_kernel_size: int = 5
+  mlp_ratio: float = 4.0
+  cpe_kernel_size: int = 0  # 0: no conv position encoding
+  mlp_dw: bool = False
+  layer_scale_init: float | None = None
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    b, h, w, c = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    if self.slot_init == 'pool':  # from the raw block input (quirk 1)
+      grid = int(np.sqrt(self.num_slots))
+      init_slots = adaptive_avg_pool(x.astype(jnp.float32), grid)
+      init_slots = init_slots.reshape(b, self.num_slots, c)
+    else:
+      init_slots = self.param('init_slots', nn.initializers.normal(0.02),
+                              (1, self.num_slots, c), self.param_dtype)
+      init_slots = jnp.broadcast_to(init_slots, (b, self.num_slots, c))
+    scale = self.param('slot_scale', nn.initializers.constant(c**-0.5), (),
+                       self.param_dtype)
+
+    if self.cpe_kernel_size:
+      x = x + layers.depthwise_conv(x, self.cpe_kernel_size, name='pos_conv',
+                                    **kw)
+    shortcut = x
+    y = layers.layer_norm(LN_EPS, name='norm1', **kw)(x)
+    features = y.reshape(b, h * w, c)
+
+    logits = slot_logits(init_slots, features, scale)  # (B, S, N)
+    slots = soft_cluster(logits, features)
+    slots = layers.MultiHeadAttention(self.head_dim, name='relation_mha',
+                                      **kw)(slots)
+    global_branch = dispatch(logits, slots).reshape(b, h, w, c)
+    self.sow('intermediates', 'slot_logits', logits)
+
+    local = layers.pointwise(c, in_features=c, name='feature_conv_0', **kw)(y)
+    local = layers.depthwise_conv(local, self.local_kernel_size,
+                                  name='feature_conv_1', **kw)
+    local = layers.pointwise(c, in_features=c, name='feature_conv_2',
+                             **kw)(local)
+
+    residual = functools.partial(
+        layers.residual_branch, layer_scale_init=self.layer_scale_init,
+        drop_path=self.drop_path, train=train, param_dtype=self.param_dtype)
+    x = shortcut + residual(global_branch + local, layer_scale_name='ls1')
+    mlp = layers.conv_mlp(layers.layer_norm(LN_EPS, name='norm2', **kw)(x),
+                          hidden_features=int(self.mlp_ratio * c),
+                          residual_dw=self.mlp_dw, **kw)
+    return x + residual(mlp, layer_scale_name='ls2')
+
+
+class MHSABlock(nn.Module):
+  """Pre-norm ViT block on (B, N, C) tokens, torch ``MHSA_Block`` (spec §7.1).
+
+  t <- t + DropPath(MHA(LN1(t))); t <- t + DropPath(MLP(LN2(t))) with a Linear
+  GELU MLP. GLNet-STL stage 4; no position encoding.
+  """
+  head_dim: int = 32
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array, *, train: bool) -> jax.Array:
+    c = t.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    drop = layers.DropPath(self.drop_path)
+    a = layers.layer_norm(LN_EPS, name='norm1', **kw)(t)
+    a = layers.MultiHeadAttention(self.head_dim, name='mha_op', **kw)(a)
+    t = t + drop(a, deterministic=not train)
+    m = layers.layer_norm(LN_EPS, name='norm2', **kw)(t)
+    m = layers.linear(int(self.mlp_ratio * c), name='mlp_0', **kw)(m)
+    m = layers.linear(c, name='mlp_2', **kw)(nn.gelu(m, approximate=False))
+    return t + drop(m, deterministic=not train)
+
+
+class MHSAConvBlock(nn.Module):
+  """Full attention with CPE and the conv MLP, torch ``MHSA_NCHW_Block`` (§7.2).
+
+  X <- X + DW3x3(X); X <- X + DropPath(ls1 * MHA(LN1(X))) over all H*W tokens;
+  X <- X + DropPath(ls2 * ConvMLP(LN2(X))). Quadratic in H*W.
+  """
+  head_dim: int = 32
+  mlp_ratio: float = 3.0
+  cpe_kernel_size: int = 3
+  mlp_dw: bool = True
+  layer_scale_init: float | None = None
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    b, h, w, c = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.cpe_kernel_size:
+      x = x + layers.depthwise_conv(x, self.cpe_kernel_size, name='pos_conv',
+                                    **kw)
+    a = layers.layer_norm(LN_EPS, name='norm1', **kw)(x).reshape(b, h * w, c)
+    a = layers.MultiHeadAttention(self.head_dim, name='mha_op', **kw)(a)
+    residual = functools.partial(
+        layers.residual_branch, layer_scale_init=self.layer_scale_init,
+        drop_path=self.drop_path, train=train, param_dtype=self.param_dtype)
+    x = x + residual(a.reshape(b, h, w, c), layer_scale_name='ls1')
+    m = layers.conv_mlp(layers.layer_norm(LN_EPS, name='norm2', **kw)(x),
+                        hidden_features=int(self.mlp_ratio * c),
+                        residual_dw=self.mlp_dw, **kw)
+    return x + residual(m, layer_scale_name='ls2')
+
+
+# ---------------------------------------------------------------------------
+# The network.
+
+
+@dataclasses.dataclass(frozen=True)
+class MixTokenBox:
+  """The box that MixToken swapped, on the final-stage grid: rows, then cols."""
+  top: jax.Array
+  left: jax.Array
+  bottom: jax.Array
+  right: jax.Array
+
+
+class GLNet(nn.Module):
+  """GLNet (spec §5): stem, four stages with transitions, BN, pool, linear.
+
+  ``__call__(images, train=False)`` takes NHWC images of any size the official
+  model accepts and returns logits (B, num_classes). With
+  ``return_features=True`` it returns ``(logits, features)``, where features
+  holds the NHWC maps ``'stem'`` and ``'stage1'`` ... ``'stage4'``.
+
+  ``token_label_head=True`` gives the token-labeling variants (spec §8): an
+  auxiliary linear head on every final token. In eval the output is
+  head(mean token) + 0.5 * max over tokens of the aux logits; in training the
+  model applies MixToken (rng stream ``'mixtoken'``) and returns
+  ``(cls_logits, aux_logits (B, N, K), MixTokenBox)``.
+  """
+  num_classes: int = 1000
+  dims: Sequence[int] = (96, 192, 384, 768)
+  depths: Sequence[int] = (2, 2, 6, 2)
+  mixers: Sequence[str] = ('glmix', 'glmix', 'glmix', 'mhsa')
+  mlp_ratio: float = 4.0
+  stem: str = 'patchify'  # 'patchify': 4x4/s4 + 2x2/s2 | 'overlapping': 3x3/s2
+  head_dim: int = 32
+  num_slots: int = 64
+  slot_init: str = 'pool'
+  local_kernel_size: int = 5
+  cpe_kernel_size: int = 0
+  mlp_dw: bool = False
+  layer_scale_init: float | None = None
+  token_label_head: bool = False
+  drop_path_rate: float = 0.0
+  in_channels: int = 3
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    self._check_fields()
+    super().__post_init__()
+
+  def _check_fields(self):
+    if len(self.dims) != 4 or len(self.depths) != 4 or len(self.mixers) != 4:
+      raise ValueError('GLNet needs 4 stages: dims, depths and mixers must each '
+                       f'have 4 entries, got {self.dims}, {self.depths}, '
+                       f'{self.mixers}.')
+    for mixer in self.mixers:
+      if mixer not in MIXERS:
+        raise ValueError(f'Unknown mixer {mixer!r}; choose from {MIXERS}.')
+    if self.stem not in STEMS:
+      raise ValueError(f'Unknown stem {self.stem!r}; choose from {STEMS}.')
+    if self.slot_init not in SLOT_INITS:
+      raise ValueError(f'Unknown slot_init {self.slot_init!r}; choose from '
+                       f'{SLOT_INITS}.')
+    if int(np.sqrt(self.num_slots))**2 != self.num_slots:
+      raise ValueError(f'num_slots={self.num_slots} must be a perfect square '
+                       '(slots come from a square adaptive-pool grid).')
+    for dim in self.dims:
+      if dim % self.head_dim:
+        raise ValueError(f'Stage width {dim} is not a multiple of head_dim='
+                         f'{self.head_dim}.')
+
+  def min_image_size(self) -> int:
+    """Smallest input side the official model accepts."""
+    # 4x4/s4 VALID then three 2x2/s2 VALID convs need a stage-1 map >= 8.
+    return 32 if self.stem == 'patchify' else 1
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               return_features: bool = False):
+    self._check_input(images)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    drop_rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+    features = {}
+    x = images.astype(self.dtype)
+    box = None
+    for i in range(4):
+      x = self._downsample(i, x, train)
+      if i == 0:
+        features['stem'] = x
+        if self.token_label_head and train:
+          x, box = self._mix_token(x)
+      first = sum(self.depths[:i])
+      x = self._stage(i, x, drop_rates[first:first + self.depths[i]], train)
+      features[f'stage{i + 1}'] = x
+    x = layers.batch_norm(train, name='norm', **kw)(x)
+    head = layers.linear(self.num_classes, name='head', **kw)
+    logits = head(jnp.mean(x, axis=(1, 2)))
+    if self.token_label_head:
+      b, h, w, c = x.shape
+      aux = layers.linear(self.num_classes, name='tklb_aux_head', **kw)(
+          x.reshape(b, h * w, c))
+      if train:
+        return logits, self._unmix_tokens(aux, box, h, w), box
+      logits = logits + 0.5 * jnp.max(aux, axis=1)
+    return (logits, features) if return_features else logits
+
+  def _check_input(self, images: jax.Array):
+    if images.ndim != 4 or images.shape[-1] != self.in_channels:
+      raise ValueError(f'GLNet expects NHWC images (B, H, W, {self.in_channels})'
+                       f', got shape {images.shape}.')
+    smallest = self.min_image_size()
+    if min(images.shape[1:3]) < smallest:
+      raise ValueError(f'Image size {images.shape[1]}x{images.shape[2]} is too '
+                       f'small for this GLNet ({self.stem} stem): the smallest '
+                       f'valid size is {smallest}x{smallest}.')
+
+  def _downsample(self, i: int, x: jax.Array, train: bool) -> jax.Array:
+    """The torch ``downsample_layers[i]`` (i = 0 is the stem)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dims = self.dims
+    name = f'downsample_layers_{i}'
+    bn = lambda j: layers.batch_norm(train, name=f'{name}_{j}', **kw)
+    conv = lambda j, out, k, s, p, cin: layers.conv2d(
+        out, k, stride=s, padding=p, in_features=cin, name=f'{name}_{j}',
+        **kw)
+    if self.stem == 'patchify':  # Swin layout: proj -> norm, then norm -> proj
+      if i == 0:
+        return bn(1)(conv(0, dims[0], 4, 4, 0, self.in_channels)(x))
+      return conv(1, dims[i], 2, 2, 0, dims[i - 1])(bn(0)(x))
+    if i == 0:  # deep overlapping stem; indices 0 (Identity), 3 (GELU) unused
+      x = bn(2)(conv(1, dims[0] // 2, 3, 2, 1, self.in_channels)(x))
+      x = nn.gelu(x, approximate=False)
+      return bn(5)(conv(4, dims[0], 3, 2, 1, dims[0] // 2)(x))
+    return bn(1)(conv(0, dims[i], 3, 2, 1, dims[i - 1])(x))
+
+  def _stage(self, i: int, x: jax.Array, drop_rates: np.ndarray,
+             train: bool) -> jax.Array:
+    return GLNetStage(
+        mixer=self.mixers[i], depth=self.depths[i],
+        drop_rates=tuple(float(r) for r in drop_rates),
+        block_args=dict(head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
+                        dtype=self.dtype, param_dtype=self.param_dtype),
+        glmix_args=dict(num_slots=self.num_slots, slot_init=self.slot_init,
+                        local_kernel_size=self.local_kernel_size),
+        conv_args=dict(cpe_kernel_size=self.cpe_kernel_size,
+                       mlp_dw=self.mlp_dw,
+                       layer_scale_init=self.layer_scale_init),
+        name=f'stages_{i}')(x, train=train)
+
+  def _mix_token(self, x: jax.Array):
+    """MixToken (token labeling, Jiang et al. 2021) on the 1/4 stem map.
+
+    A box drawn on the 1/32 grid (lambda ~ Beta(1, 1), side sqrt(1 - lambda)
+    of the grid, uniform centre, clipped) is scaled x8 to the stem map, and
+    the features inside it are swapped with the batch-reversed ones.
+    """
+    key_lam, key_r, key_c = jax.random.split(self.make_rng('mixtoken'), 3)
+    grid_h, grid_w = x.shape[1] // 8, x.shape[2] // 8
+    cut = jnp.sqrt(1.0 - jax.random.uniform(key_lam))  # Beta(1,1) = U(0,1)
+    cut_h = jnp.floor(grid_h * cut).astype(jnp.int32)
+    cut_w = jnp.floor(grid_w * cut).astype(jnp.int32)
+    cy = jax.random.randint(key_r, (), 0, max(grid_h, 1))
+    cx = jax.random.randint(key_c, (), 0, max(grid_w, 1))
+    box = MixTokenBox(
+        top=jnp.clip(cy - cut_h // 2, 0, grid_h),
+        left=jnp.clip(cx - cut_w // 2, 0, grid_w),
+        bottom=jnp.clip(cy + cut_h // 2, 0, grid_h),
+        right=jnp.clip(cx + cut_w // 2, 0, grid_w))
+    inside = _box_mask(box, x.shape[1], x.shape[2], scale=8)
+    return jnp.where(inside, x[::-1], x), box
+
+  @staticmethod
+  def _unmix_tokens(aux: jax.Array, box: MixTokenBox, h: int,
+                    w: int) -> jax.Array:
+    """Undo MixToken on the (B, h*w, K) aux logits of the final grid."""
+    b, n, k = aux.shape
+    aux = aux.reshape(b, h, w, k)
+    aux = jnp.where(_box_mask(box, h, w, scale=1), aux[::-1], aux)
+    return aux.reshape(b, n, k)
+
+
+def _box_mask(box: MixTokenBox, h: int, w: int, scale: int) -> jax.Array:
+  """(1, h, w, 1) boolean mask of ``box`` (grid units) times ``scale``."""
+  rows = jnp.arange(h)[:, None]
+  cols = jnp.arange(w)[None, :]
+  inside = ((rows >= scale * box.top) & (rows < scale * box.bottom) &
+            (cols >= scale * box.left) & (cols < scale * box.right))
+  return inside[None, :, :, None]
+
+
+class GLNetStage(nn.Module):
+  """A stage's blocks in order, torch ``BasicLayer`` (names ``blocks_{i}``)."""
+  mixer: str
+  depth: int
+  drop_rates: tuple[float, ...]
+  block_args: dict
+  glmix_args: dict
+  conv_args: dict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if self.mixer == 'mhsa':  # tokens (B, N, C) for the whole stage
+      b, h, w, c = x.shape
+      t = x.reshape(b, h * w, c)
+      for j in range(self.depth):
+        t = MHSABlock(drop_path=self.drop_rates[j], name=f'blocks_{j}',
+                      **self.block_args)(t, train=train)
+      return t.reshape(b, h, w, c)
+    for j in range(self.depth):
+      x = self._block(j)(x, train=train)
+    return x
+
+  def _block(self, j: int) -> nn.Module:
+    args = dict(drop_path=self.drop_rates[j], name=f'blocks_{j}',
+                **self.block_args, **self.conv_args)
+    if self.mixer == 'glmix' or (self.mixer == 'hybrid' and j % 2 == 0):
+      return GLMixBlock(**args, **self.glmix_args)
+    return MHSAConvBlock(**args)
+
+
+# ---------------------------------------------------------------------------
+# The released variants (spec §2). Drop path as in the official README.
+
+_STL = dict(dims=(96, 192, 384, 768), depths=(2, 2, 6, 2),
+            mixers=('glmix', 'glmix', 'glmix', 'mhsa'), mlp_ratio=4.0,
+            stem='patchify')
+_G = dict(depths=(4, 4, 18, 4), mixers=('glmix', 'glmix', 'hybrid', 'mhsa_conv'),
+          mlp_ratio=3.0, stem='overlapping', cpe_kernel_size=3, mlp_dw=True)
+
+VARIANTS: dict[str, dict] = {
+    'glnet_stl': dict(_STL, drop_path_rate=0.1),
+    'glnet_stl_paramslot': dict(_STL, slot_init='learned', drop_path_rate=0.1),
+    'glnet_4g': dict(_G, dims=(64, 128, 256, 512), drop_path_rate=0.15),
+    'glnet_9g': dict(_G, dims=(96, 192, 384, 768), drop_path_rate=0.3),
+    'glnet_16g': dict(_G, dims=(128, 256, 512, 1024), layer_scale_init=1e-4,
+                      drop_path_rate=0.4),
+    'glnet_4g_tklb': dict(_G, dims=(64, 128, 256, 512), token_label_head=True,
+                          drop_path_rate=0.1),
+    'glnet_9g_tklb': dict(_G, dims=(96, 192, 384, 768), token_label_head=True,
+                          drop_path_rate=0.1),
+}

@@ -1,0 +1,215 @@
+"""Pieces shared by the model families: PyTorch-matching initialisers, DropPath,
+LayerScale, multi-head attention with PyTorch's packed projection, the
+convolutional MLP, and the PyTorch-style convolutions.
+
+Every module here computes in ``dtype`` (the compute dtype, e.g. bfloat16) and
+keeps its parameters in ``param_dtype`` (float32 by default), so that mixed
+precision needs no change to the model code.
+
+Submodule and parameter names mirror the official PyTorch attribute names
+(``in_proj``, ``out_proj``, ``mlp_0`` ...) so that weight import is a
+mechanical rename (see ``glmix_jax.convert``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# ---------------------------------------------------------------------------
+# Initialisers that reproduce PyTorch defaults.
+
+# torch's default Conv2d / Linear weight init, kaiming_uniform(a=sqrt(5)), is
+# U(+-1/sqrt(fan_in)); fan_in = k*k*C_in/groups is exactly what Flax computes for
+# an HWIO kernel (and C_in for a Dense kernel).
+torch_default_kernel_init: Initializer = nn.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_in', 'uniform')
+
+# timm's trunc_normal_(std=0.02) truncates at +-2 *absolute*, i.e. about 100
+# sigma: effectively N(0, 0.02^2). Flax's truncated_normal cuts at 2 sigma.
+timm_linear_kernel_init: Initializer = nn.initializers.normal(0.02)
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+  """torch's default conv/linear bias init: U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+# ---------------------------------------------------------------------------
+# Convolutions with PyTorch's symmetric padding.
+
+
+def conv2d(features: int, kernel_size: int, *, stride: int = 1,
+           padding: int = 0, groups: int = 1, in_features: int,
+           dtype: Dtype, param_dtype: Dtype, name: str,
+           kernel_init: Initializer | None = None,
+           use_bias: bool = True) -> nn.Conv:
+  """A torch-equivalent ``nn.Conv2d`` (NHWC), torch default init.
+
+  Padding is explicit and symmetric: Flax's ``'SAME'`` pads (0, 1) for stride 2
+  at even sizes and would shift the sampling grid relative to PyTorch.
+  """
+  fan_in = kernel_size * kernel_size * in_features // groups
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=kernel_init or torch_default_kernel_init,
+      bias_init=torch_default_bias_init(fan_in), name=name)
+
+
+def pointwise(features: int, *, in_features: int, dtype: Dtype,
+              param_dtype: Dtype, name: str) -> nn.Dense:
+  """A 1x1 ``nn.Conv2d`` as a Dense over the channel axis (torch conv init)."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=torch_default_kernel_init,
+                  bias_init=torch_default_bias_init(in_features), name=name)
+
+
+def linear(features: int, *, dtype: Dtype, param_dtype: Dtype,
+           name: str) -> nn.Dense:
+  """An ``nn.Linear`` under timm's ViT-style init (normal 0.02, zero bias)."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=timm_linear_kernel_init,
+                  bias_init=nn.initializers.zeros, name=name)
+
+
+def depthwise_conv(x: jax.Array, kernel_size: int, *, dtype: Dtype,
+                   param_dtype: Dtype, name: str) -> jax.Array:
+  """Depthwise ``kernel_size`` conv with "same" symmetric zero padding."""
+  channels = x.shape[-1]
+  return conv2d(channels, kernel_size, padding=kernel_size // 2,
+                groups=channels, in_features=channels, dtype=dtype,
+                param_dtype=param_dtype, name=name)(x)
+
+
+# ---------------------------------------------------------------------------
+# Regularisers and residual scaling.
+
+
+class DropPath(nn.Module):
+  """Stochastic depth (Huang et al. 2016), per sample, as timm's DropPath.
+
+  A sample's whole residual branch is dropped with probability ``rate``; the
+  survivors are scaled by 1 / (1 - rate). Uses the ``'dropout'`` rng stream.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    if self.rate == 0.0 or deterministic:
+      return x
+    broadcast = tuple(range(1, x.ndim))  # one keep/drop decision per sample
+    return nn.Dropout(self.rate, broadcast_dims=broadcast)(
+        x, deterministic=False)
+
+
+class LayerScale(nn.Module):
+  """Per-channel residual scaling gamma * x (Touvron et al., CaiT)."""
+  init_value: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gamma = self.param('gamma', nn.initializers.constant(self.init_value),
+                       (x.shape[-1],), self.param_dtype)
+    return x * gamma.astype(x.dtype)
+
+
+def residual_branch(branch: jax.Array, *, layer_scale_init: float | None,
+                    drop_path: float, train: bool, param_dtype: Dtype,
+                    layer_scale_name: str) -> jax.Array:
+  """DropPath(gamma * branch): a residual branch before it joins the shortcut.
+
+  Call it from a compact method; the LayerScale (when ``layer_scale_init`` is
+  set) becomes a child of the caller named ``layer_scale_name`` (torch ``ls1``
+  / ``ls2``).
+  """
+  if layer_scale_init is not None:
+    branch = LayerScale(layer_scale_init, param_dtype,
+                        name=layer_scale_name)(branch)
+  return DropPath(drop_path)(branch, deterministic=not train)
+
+
+def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype,
+               name: str) -> nn.LayerNorm:
+  """LayerNorm over channels with PyTorch's two-pass variance."""
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                      use_fast_variance=False, name=name)
+
+
+def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype,
+               name: str) -> nn.BatchNorm:
+  """``nn.BatchNorm2d`` (eps 1e-5, torch momentum 0.1 == Flax momentum 0.9).
+
+  Under ``jit`` over a sharded batch the statistics are those of the *global*
+  batch (SyncBN semantics), unlike per-GPU BN in a PyTorch DDP run.
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                      use_fast_variance=False, name=name)
+
+
+# ---------------------------------------------------------------------------
+# Attention and MLP.
+
+
+class MultiHeadAttention(nn.Module):
+  """PyTorch ``nn.MultiheadAttention(C, C // head_dim, bias=True)`` on (B, L, C).
+
+  softmax(Q K^T / sqrt(d)) V per head, heads splitting C contiguously. Q, K, V
+  come from one packed projection ``in_proj`` (C -> 3C, rows [q; k; v] in
+  torch), initialised by Xavier-uniform over the *packed* matrix as torch does.
+  """
+  head_dim: int = 32
+  out_kernel_init: Initializer = timm_linear_kernel_init
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, length, channels = x.shape
+    heads = channels // self.head_dim
+    qkv = nn.Dense(3 * channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=nn.initializers.xavier_uniform(),
+                   bias_init=nn.initializers.zeros, name='in_proj')(x)
+    qkv = qkv.reshape(batch, length, 3, heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
+    out = out.reshape(batch, length, channels)
+    return nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=self.out_kernel_init,
+                    bias_init=nn.initializers.zeros, name='out_proj')(out)
+
+
+def conv_mlp(x: jax.Array, *, hidden_features: int, residual_dw: bool,
+             dtype: Dtype, param_dtype: Dtype) -> jax.Array:
+  """The GLNet / ConvNeXt-style MLP on NHWC maps (torch ``mlp`` Sequential).
+
+  PW(C -> rC) -> [M + DW3x3(M)] -> GELU(exact) -> PW(rC -> C). Call it from a
+  compact method: its layers become children of the caller, named ``mlp_0``,
+  ``mlp_1`` and ``mlp_3`` after their torch Sequential indices (index 2 is the
+  parameter-free GELU), so checkpoints convert by rename.
+  """
+  channels = x.shape[-1]
+  h = pointwise(hidden_features, in_features=channels, dtype=dtype,
+                param_dtype=param_dtype, name='mlp_0')(x)
+  if residual_dw:
+    h = h + depthwise_conv(h, 3, dtype=dtype, param_dtype=param_dtype,
+                           name='mlp_1')
+  h = nn.gelu(h, approximate=False)
+  return pointwise(channels, in_features=hidden_features, dtype=dtype,
+                   param_dtype=param_dtype, name='mlp_3')(h)
