@@ -37,3 +37,16 @@ def reference_file(name: str) -> pathlib.Path:
       return folder / name
   pytest.skip(f'{name} is neither in tests/data nor in {SHARED_REFERENCE} '
               '(the shared reference folder sits beside the repository in CI).')
+
+
+@pytest.fixture(scope='session')
+def label_dataset(tmp_path_factory):
+  """A TFDS imagenet2012 prepared offline from a label-in-pixels synthetic
+  set: 12 classes x 20 train images, 30 validation images (48 px)."""
+  from glmix_jax.data import prepare, synthetic  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('label_dataset')
+  synthetic.write_dataset(root / 'manual', classes=12, images_per_class=20,
+                          image_size=48, val_images=30, label_in_pixels=True)
+  prepare.prepare('imagenet2012', data_dir=str(root / 'tfds'),
+                  manual_dir=str(root / 'manual'))
+  return str(root / 'tfds')
