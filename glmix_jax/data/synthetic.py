@@ -156,7 +156,8 @@ def write_dataset(out: str | epath.Path, *, classes: int = 10,
   out.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
   wnids = wordnet_ids()
-  with tarfile.open(out / TRAIN_TAR, 'w') as train:
+  with (out / TRAIN_TAR).open('wb') as f, tarfile.open(fileobj=f,
+                                                      mode='w') as train:
     for label in range(classes):
       inner = io.BytesIO()
       with tarfile.open(fileobj=inner, mode='w') as class_tar:
@@ -166,7 +167,8 @@ def write_dataset(out: str | epath.Path, *, classes: int = 10,
       _add(train, f'{wnids[label]}.tar', inner.getvalue())
   if val_images:
     index = {w: i for i, w in enumerate(wnids)}
-    with tarfile.open(out / VAL_TAR, 'w') as val:
+    with (out / VAL_TAR).open('wb') as f, tarfile.open(fileobj=f,
+                                                      mode='w') as val:
       for k, wnid in enumerate(validation_wnids()[:val_images]):
         _add(val, f'ILSVRC2012_val_{k + 1:08d}.JPEG',
              _draw(index[wnid], image_size, rng, label_in_pixels=True))
