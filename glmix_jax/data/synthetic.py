@@ -11,9 +11,10 @@ so their TFDS labels are 0 .. classes - 1.
 
 Each picture holds two objects on a textured background: a red disc (the
 anchor) and a target shape of another colour. The class is the target's shape
-(square, triangle, cross, ring, bar) *and* which side of the anchor it lies
-on, so a model must relate two objects across the image (global context), not
-just detect a local pattern; sizes, positions, colours and the background vary.
+(square, triangle, cross, ring, bar) *and* whether it lies above or below the
+anchor, so a model must relate two objects across the image (global context),
+not just detect a local pattern; sizes, positions, colours and the background
+vary. Horizontal flips, as in the training recipe, keep the class.
 
 ``label_in_pixels=True`` instead paints each image one flat colour that
 encodes its label (``label_from_pixels`` reads it back after JPEG, resizing and
@@ -67,7 +68,7 @@ def _colour(rng: np.random.Generator, avoid_red: bool) -> tuple[int, int, int]:
 def draw_object_pair(label: int, size: int,
                      rng: np.random.Generator) -> Image.Image:
   """A textured picture of class ``label`` in [0, 10): shape and relation."""
-  shape, target_right = SHAPES[label // 2], bool(label % 2)
+  shape, target_below = SHAPES[label // 2], bool(label % 2)
   # Background: a random linear gradient plus mild noise.
   yy, xx = np.mgrid[0:size, 0:size] / size
   a, b = rng.uniform(-1, 1, 2)
@@ -78,11 +79,12 @@ def draw_object_pair(label: int, size: int,
   pen = ImageDraw.Draw(image)
 
   r = size * rng.uniform(0.09, 0.14)  # object half-size
-  # The anchor and target sit in opposite halves, at independent heights.
-  left_x = rng.uniform(r, size / 2 - r)
-  right_x = rng.uniform(size / 2 + r, size - r)
-  anchor_x, target_x = (left_x, right_x) if target_right else (right_x, left_x)
-  anchor_y, target_y = rng.uniform(r, size - r, 2)
+  # The anchor and target sit in opposite halves (top / bottom), at
+  # independent horizontal positions: horizontal flips keep the class.
+  top_y = rng.uniform(r, size / 2 - r)
+  bottom_y = rng.uniform(size / 2 + r, size - r)
+  anchor_y, target_y = (top_y, bottom_y) if target_below else (bottom_y, top_y)
+  anchor_x, target_x = rng.uniform(r, size - r, 2)
   red = (int(rng.integers(190, 256)), int(rng.integers(0, 60)),
          int(rng.integers(0, 60)))
   pen.ellipse([anchor_x - r, anchor_y - r, anchor_x + r, anchor_y + r],
