@@ -27,7 +27,21 @@ def imagenet_data() -> ml_collections.ConfigDict:
       interpolation='bicubic',
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
+      num_threads=16,  # decoding / augmentation threads per process
   ))
+
+
+def loop(**overrides) -> dict:
+  """Bookkeeping of a run: logging, evaluation and checkpoint cadence."""
+  return dict(
+      total_steps=0,  # > 0 overrides total_epochs
+      log_steps=100,
+      eval_steps=0,  # 0: evaluate at the end only
+      checkpoint_steps=1000,
+      keep_checkpoints=3,
+      keep_checkpoint_every=0,  # also keep every N-th step; 0: none
+      max_bad_steps=0,  # non-finite steps skipped before the run stops
+      **overrides)
 
 
 def deit_augmentation() -> ml_collections.ConfigDict:
@@ -56,6 +70,7 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
     **model_overrides: further model fields.
   """
   return ml_collections.ConfigDict(dict(
+      **loop(),
       model_name=model_name,
       model=dict(drop_path_rate=drop_path_rate, dtype='bfloat16',
                  **model_overrides),  # bf16 compute replaces fp16 AMP
@@ -66,7 +81,10 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
       global_batch_size=2048,  # 128 per GPU x 16 GPUs
       optimizer=dict(
           name='adamw',  # torch convention: decay multiplied by the lr
-          lr=2e-3,  # blr 2.5e-4 x 2048 / 256
+          lr=2e-3,  # blr 2.5e-4 x 2048 / 256 ...
+          lr_batch_size=2048,  # ... scaled linearly for other batch sizes
+          schedule='warmup_cosine',
+          warmup_lr=0.0,
           min_lr=1e-5,
           b1=0.9, b2=0.999, eps=1e-8,
           weight_decay=0.05,
