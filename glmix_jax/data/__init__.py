@@ -1,0 +1,1 @@
+"""ImageNet input pipeline: host-side decoding/augmentation and on-device mixing."""
