@@ -70,9 +70,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   """One optimizer step on a global batch; skips the update if non-finite."""
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   mix_rng, dropout_rng = jax.random.split(rng)
-  images, targets = mix.mix_batch(
-      mix_rng, batch['image'], batch['label'], num_classes=num_classes,
-      **mix_config)
+  if mix_config.mixup_alpha or mix_config.cutmix_alpha:
+    images, targets = mix.mix_batch(
+        mix_rng, batch['image'], batch['label'], num_classes=num_classes,
+        **mix_config)
+  else:
+    images = batch['image']
+    targets = mix.smooth_targets(batch['label'], num_classes,
+                                 mix_config.label_smoothing)
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -280,6 +285,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer.close()
   print('Final evaluation: ' + '  '.join(
       f'{k} {v:.4f}' for k, v in results.items()), flush=True)
+  return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
+                        workdir: str | None = None,
+                        model_checkpoint: str | None = None
+                        ) -> dict[str, float]:
+  """Top-1 / top-5 on ``config.data.eval_split`` of the latest training
+  checkpoint in ``workdir`` (raw and EMA weights), or of a model checkpoint
+  written by ``python -m glmix_jax.convert``."""
+  if (workdir is None) == (model_checkpoint is None):
+    raise ValueError('Give exactly one of --workdir and --checkpoint.')
+  mesh = sharding.make_mesh()
+  replicated = NamedSharding(mesh, PartitionSpec())
+  if model_checkpoint is not None:
+    model, variables = checkpoint.load_variables(model_checkpoint)
+    weights = {'': variables['params']}
+    batch_stats = variables.get('batch_stats', {})
+    where = model_checkpoint
+  else:
+    model = build_model(config)
+    manager = checkpoint.train_manager(workdir, save_every=1, keep=1,
+                                       keep_every=None)
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No training checkpoint in {workdir}/checkpoints;'
+                              ' train first, or pass --checkpoint=DIR.')
+    state = manager.restore(step, args=checkpoint.ocp.args.StandardRestore())
+    weights = {'': state['params']}
+    if state.get('ema_params') is not None:
+      weights['ema_'] = state['ema_params']
+    batch_stats = state['batch_stats']
+    where = f'{workdir} (step {step})'
+  pipeline.check_batch_size(config.global_batch_size, jax.process_count(),
+                            jax.local_device_count())
+  source = pipeline.open_split(config.data.dataset, config.data.eval_split,
+                               data_input.data_dir(config, workdir or '.'))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  results = {}
+  for prefix, params in weights.items():
+    params, stats = jax.device_put((params, batch_stats), replicated)
+    scores = evaluate(eval_fn, params, stats, data_input.eval_batches(
+        config, source, global_batch=config.global_batch_size), mesh)
+    results.update({f'{prefix}eval_{k}': v for k, v in scores.items()})
+  print(f'{config.data.dataset}:{config.data.eval_split} of {where}: ' +
+        '  '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
   return results
 
 
