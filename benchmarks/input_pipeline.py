@@ -42,7 +42,8 @@ def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
     # Low-frequency shading per channel, like lighting on a scene.
     image = np.zeros((height, width, 3), np.float32)
     for c in range(3):
-      fx, fy, phase = rng.uniform(0.002, 0.02, 2).tolist() + [rng.uniform(0, 6.3)]
+      fx, fy = rng.uniform(0.002, 0.02, 2)
+      phase = rng.uniform(0, 2 * np.pi)
       image[..., c] = 128 + 90 * np.sin(fx * xx + fy * yy + phase)
     img = Image.fromarray(image.clip(0, 255).astype(np.uint8))
     # Objects with hard edges.

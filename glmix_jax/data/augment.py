@@ -405,7 +405,7 @@ def sample_magnitude(spec: RandAugmentSpec, rng: np.random.Generator) -> float:
 def apply_op(img: Image.Image, name: str, magnitude: float,
              rng: np.random.Generator, *, fill: Fill,
              resample: int) -> Image.Image:
-  """One RandAugment op at ``magnitude`` (0 .. 10 scale), random sign included."""
+  """One RandAugment op at ``magnitude`` (0 .. 10), random sign included."""
   op, level_fn = RAND_AUGMENT_OPS[name]
   arg = None if level_fn is None else level_fn(magnitude, rng)
   return op(img, arg, fill, resample)
@@ -552,7 +552,8 @@ def eval_transform(data: bytes, cfg: ml_collections.ConfigDict) -> np.ndarray:
     float32 (S, S, 3), normalised.
   """
   if not 0.0 < cfg.eval_crop_pct <= 1.0:
-    raise ValueError(f'eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}')
+    raise ValueError(
+        f'eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}')
   size = cfg.image_size
   short_target = math.floor(size / cfg.eval_crop_pct)
   img = decode_image(data)
