@@ -131,7 +131,8 @@ def test_jit_matches_eager_and_keeps_dtype():
 def test_batch_sharded_over_devices_gives_same_result():
   images, labels = _batch()
   mesh = jax.make_mesh((8,), ('data',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
   fn = jax.jit(_mix)
   reference = fn(jax.random.key(5), images, labels)
   sharded = fn(jax.random.key(5), jax.device_put(images, sharding),
