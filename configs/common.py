@@ -9,6 +9,7 @@ code (glnet.md §14, ``main_cx2.py``), with every deviation commented.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -18,7 +19,9 @@ def imagenet_data() -> ml_collections.ConfigDict:
   """ImageNet-1k from TFDS, with the timm/DeiT evaluation protocol."""
   return ml_collections.ConfigDict(dict(
       dataset='imagenet2012',
-      data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+      # None: $TFDS_DATA_DIR or ~/tensorflow_datasets (a placeholder, so that
+      # --config.data.data_dir=... can set it)
+      data_dir=config_dict.placeholder(str),
       train_split='train',
       eval_split='validation',
       num_classes=1000,

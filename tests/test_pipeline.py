@@ -154,3 +154,29 @@ def test_drawn_classes_differ_by_shape_and_side():
     for b in range(a + 1, 10):
       assert np.abs(images[a] - images[b]).max() > 50
   del rng
+
+
+def test_labels_survive_the_real_transforms(train):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from glmix_jax.data import augment  # pylint: disable=g-import-not-at-top
+  data = common.imagenet_data()
+  cfg = ml_collections.ConfigDict(dict(
+      image_size=32, interpolation='bicubic', mean=data.mean, std=data.std,
+      eval_crop_pct=0.875, augmentation=dict(
+          random_resized_crop_scale=(0.08, 1.0), hflip=0.5, randaugment='',
+          random_erasing=0.0)))
+  mean, std = np.array(data.mean) * 255, np.array(data.std) * 255
+
+  def read(images):
+    return [synthetic.label_from_pixels(x * std + mean) for x in images]
+
+  batch = next(pipeline.train_batches(
+      train, lambda b, rng: augment.train_transform(b, rng, cfg), seed=0,
+      global_batch=16))
+  assert batch['image'].shape == (16, 32, 32, 3)
+  assert read(batch['image']) == list(batch['label'])
+  for batch in pipeline.eval_batches(
+      train, lambda b: augment.eval_transform(b, cfg), local_batch=64):
+    mask = batch['mask']
+    assert read(batch['image'][mask]) == list(batch['label'][mask])
