@@ -121,7 +121,7 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray],
   """
   targets = variable_shapes(model_name, **overrides)
   flat: dict[tuple[str, ...], np.ndarray] = {}
-  problems: list[str] = []
+  unexpected, misshaped = [], []
   for key, value in state_dict.items():
     if key.rsplit('.', 1)[-1] in _DROPPED:
       continue
@@ -131,26 +131,25 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray],
                         'bias (the official one has none either)')
       continue
     path = flax_path(key, targets)
-    if path not in targets:
-      problems.append(f'unexpected key {key!r} (no Flax variable '
-                      f'{"/".join(path)})')
-      continue
-    if path in flat:
-      problems.append(f'key {key!r} maps to {"/".join(path)} twice')
+    if path not in targets or path in flat:
+      unexpected.append(f'{key} (-> {"/".join(path)})')
       continue
     converted = to_flax_layout(value, path, targets[path])
     if converted.shape != tuple(targets[path]):
-      problems.append(f'key {key!r} has shape {tuple(np.shape(value))}, but '
-                      f'{"/".join(path)} needs {tuple(targets[path])}')
+      misshaped.append(f'{key} {tuple(np.shape(value))} (-> {"/".join(path)} '
+                       f'{tuple(targets[path])})')
       continue
     flat[path] = converted.astype(np.float32)
-  missing = [p for p in targets if p not in flat]
-  problems += [f'missing: no key for Flax variable {"/".join(p)}'
-               for p in missing]
-  if problems:
-    raise ConversionError(
-        f'state dict does not match {model_name}: ' + '; '.join(problems[:20])
-        + (f'; and {len(problems) - 20} more' if len(problems) > 20 else ''))
+  missing = ['/'.join(p) for p in targets if p not in flat]
+  reports = [f'{len(keys)} {what}: {", ".join(keys[:5])}'
+             + (', ...' if len(keys) > 5 else '')
+             for what, keys in (('unexpected keys', unexpected),
+                                ('mis-shaped keys', misshaped),
+                                ('Flax variables without a key', missing))
+             if keys]
+  if reports:
+    raise ConversionError(f'state dict does not match {model_name} (check the '
+                          f'model name and its overrides): {"; ".join(reports)}')
   return traverse_util.unflatten_dict(
       {k: jnp.asarray(v) for k, v in flat.items()})
 

@@ -1,0 +1,80 @@
+"""The shared pieces of the training recipes, as plain ml_collections.
+
+Each per-model file (``glnet_stl.py`` ...) is one row of the paper's recipe
+table: it calls ``glnet_recipe`` with that model's name and drop-path rate.
+Field names follow the papers' tables; values come from the official training
+code (glnet.md §14, ``main_cx2.py``), with every deviation commented.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_data() -> ml_collections.ConfigDict:
+  """ImageNet-1k from TFDS, with the timm/DeiT evaluation protocol."""
+  return ml_collections.ConfigDict(dict(
+      dataset='imagenet2012',
+      data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+      train_split='train',
+      eval_split='validation',
+      num_classes=1000,
+      image_size=224,
+      eval_crop_pct=0.875,  # resize shorter side to 224 / 0.875 = 256, crop 224
+      interpolation='bicubic',
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+  ))
+
+
+def deit_augmentation() -> ml_collections.ConfigDict:
+  """timm ``create_transform`` + Mixup/CutMix as in DeiT / ConvNeXt training."""
+  return ml_collections.ConfigDict(dict(
+      random_resized_crop_scale=(0.08, 1.0),
+      hflip=0.5,
+      randaugment='rand-m9-mstd0.5-inc1',  # colour jitter off when RA is on
+      random_erasing=0.25,  # pixel mode, one box
+      mixup_alpha=0.8,
+      cutmix_alpha=1.0,
+      mix_prob=1.0,
+      mix_switch_prob=0.5,  # Mixup or CutMix per batch
+      label_smoothing=0.1,  # folded into the mixed targets, as timm does
+      repeated_augmentation=3,  # DeiT RASampler: 3 augmented copies per image
+  ))
+
+
+def glnet_recipe(model_name: str, drop_path_rate: float,
+                 **model_overrides) -> ml_collections.ConfigDict:
+  """GLNet's ImageNet-1k recipe (``main_cx2.py``, Zhu et al. 2024, Tab. 8/9).
+
+  Args:
+    model_name: a registered GLNet name.
+    drop_path_rate: the official README value for this size.
+    **model_overrides: further model fields.
+  """
+  return ml_collections.ConfigDict(dict(
+      model_name=model_name,
+      model=dict(drop_path_rate=drop_path_rate, dtype='bfloat16',
+                 **model_overrides),  # bf16 compute replaces fp16 AMP
+      data=imagenet_data(),
+      augmentation=deit_augmentation(),
+      total_epochs=300,
+      warmup_epochs=5,  # linear from 0, per step; then half-cosine to min_lr
+      global_batch_size=2048,  # 128 per GPU x 16 GPUs
+      optimizer=dict(
+          name='adamw',  # torch convention: decay multiplied by the lr
+          lr=2e-3,  # blr 2.5e-4 x 2048 / 256
+          min_lr=1e-5,
+          b1=0.9, b2=0.999, eps=1e-8,
+          weight_decay=0.05,
+          # ConvNeXt-V2 helper: no decay for 1-D params and names ending in
+          # bias/gamma/beta, so slot_scale (0-D) and init_slots ARE decayed.
+          weight_decay_rule='convnextv2',
+          grad_clip_norm=5.0,
+      ),
+      ema_decay=0.9999,  # ModelEma, evaluated alongside the raw weights
+      seed=0,
+  ))

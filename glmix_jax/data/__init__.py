@@ -1,0 +1,1 @@
+"""Input data: TFDS sources, the training/eval pipeline, augmentation."""

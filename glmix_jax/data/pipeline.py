@@ -1,0 +1,176 @@
+"""The input pipeline: TFDS ArrayRecord source -> per-process examples -> batches.
+
+Design: Grain over ``tfds.data_source`` (random access to ArrayRecord files)
+rather than tf.data. Random access lets the training stream be a *pure
+function of (seed, step)*:
+
+* global example position p = step * global_batch + j (j < global_batch);
+* epoch e = p // N and i = p % N; the record is ``perm(seed, e)[i // repeats]``
+  (a seeded permutation per epoch; with ``repeats`` > 1 consecutive positions
+  repeat an image, DeiT's repeated augmentation);
+* the augmentation of position p draws from ``np.random.default_rng([seed,
+  p])``.
+
+So resuming at step s needs nothing but s (the checkpoint stores the step; no
+iterator state), re-reads nothing, and gives bitwise the batches an
+uninterrupted run sees. Each JAX process reads only its own slice j in
+[process_index * local_batch, (process_index + 1) * local_batch) of every
+global batch, so the global batch, and therefore training, does not depend on
+how many processes share it.
+
+Evaluation gives process k the contiguous shard k of ``even_split`` of the
+split, pads every process to the same number of batches, and marks padding
+with ``mask = False``: each example counts exactly once, for any batch size
+and process count.
+
+Decoding and augmentation run in Grain worker threads (Pillow releases the GIL
+for decoding and resizing).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Iterator
+
+import grain
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+TrainTransform = Callable[[bytes, np.random.Generator], np.ndarray]
+EvalTransform = Callable[[bytes], np.ndarray]
+
+
+class DatasetError(ValueError):
+  """A dataset that is missing, unknown or unusable as configured."""
+
+
+def open_split(dataset: str, split: str, data_dir: str | None = None):
+  """Random-access records ``{'image': JPEG bytes, 'label': int}`` of a split.
+
+  Raises:
+    DatasetError: naming the dataset and how to prepare it.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetError(f'Unknown TFDS dataset {dataset!r}; see '
+                       'https://www.tensorflow.org/datasets/catalog.') from e
+  if not builder.is_prepared():
+    raise DatasetError(
+        f'{dataset} is not prepared in {builder.data_dir}. Put the downloaded '
+        'files (for imagenet2012: ILSVRC2012_img_train.tar and '
+        'ILSVRC2012_img_val.tar) in a directory DIR and run: python -m '
+        f'glmix_jax.data.prepare --dataset={dataset} --manual_dir=DIR '
+        f'--data_dir={data_dir or "DATA_DIR"}')
+  try:
+    return builder.as_data_source(
+        split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  except NotImplementedError as e:  # prepared as TFRecord
+    raise DatasetError(
+        f'{dataset} in {builder.data_dir} is not in the ArrayRecord format; '
+        'prepare it again with python -m glmix_jax.data.prepare into a new '
+        '--data_dir.') from e
+  except ValueError as e:  # a split that does not exist or parse
+    raise DatasetError(f'Split {split!r} of {dataset}: {e}') from e
+
+
+def check_batch_size(global_batch: int, process_count: int,
+                     local_device_count: int) -> int:
+  """The per-process batch; the global batch must split evenly over devices."""
+  devices = process_count * local_device_count
+  if global_batch % devices:
+    raise ValueError(f'Global batch size {global_batch} is not divisible by '
+                     f'the {devices} devices; use a multiple of {devices}.')
+  return global_batch // process_count
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_records)
+
+
+def train_record_index(position: int, *, seed: int, num_records: int,
+                       repeats: int = 1) -> int:
+  """The record read at global stream position ``position``."""
+  epoch, i = divmod(position, num_records)
+  return int(_epoch_permutation(seed, epoch, num_records)[i // repeats])
+
+
+def train_batches(source, transform: TrainTransform, *, seed: int,
+                  global_batch: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1,
+                  repeats: int = 1, num_threads: int = 8) -> Iterator[Batch]:
+  """Endless training batches of this process, from ``start_step`` on.
+
+  Yields:
+    ``{'image': (local_batch, ...) from transform, 'label': (local_batch,)}``.
+  """
+  if global_batch % process_count:
+    raise ValueError(f'Global batch size {global_batch} is not divisible by '
+                     f'the {process_count} processes.')
+  local = global_batch // process_count
+  num_records = len(source)
+  if num_records == 0:
+    raise DatasetError('The training split is empty.')
+
+  def example(k: int) -> tuple[np.ndarray, int]:
+    step, j = divmod(k, local)
+    position = (start_step + step) * global_batch + process_index * local + j
+    record = source[train_record_index(position, seed=seed,
+                                       num_records=num_records,
+                                       repeats=repeats)]
+    image = transform(record['image'], np.random.default_rng([seed, position]))
+    return image, record['label']
+
+  examples = grain.MapDataset.range(2**62).map(example)
+  yield from _batched(examples, local, num_threads)
+
+
+def eval_batches(source, transform: EvalTransform, *, local_batch: int,
+                 process_index: int = 0, process_count: int = 1,
+                 num_threads: int = 8) -> Iterator[Batch]:
+  """This process's evaluation batches, padded, with a ``'mask'``.
+
+  Every process yields ``eval_steps(len(source), ...)`` batches, so all of
+  them run the same number of (collective) eval steps.
+  """
+  num_records = len(source)
+  start, stop = even_split(num_records, process_count)[process_index]
+  steps = eval_steps(num_records, local_batch, process_count)
+  padding = None
+
+  def example(k: int) -> tuple[np.ndarray, int, bool]:
+    nonlocal padding
+    if start + k < stop:
+      record = source[start + k]
+      image = transform(record['image'])
+      return image, record['label'], True
+    if padding is None:  # the shape of a real example, zero-filled
+      padding = np.zeros_like(transform(source[0]['image']))
+    return padding, 0, False
+
+  examples = grain.MapDataset.range(steps * local_batch).map(example)
+  yield from _batched(examples, local_batch, num_threads)
+
+
+def even_split(num_records: int, parts: int) -> list[tuple[int, int]]:
+  """``parts`` contiguous [start, stop) ranges covering ``num_records``."""
+  bounds = [num_records * k // parts for k in range(parts + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def eval_steps(num_records: int, local_batch: int, process_count: int) -> int:
+  """Eval batches per process: enough for the largest process shard."""
+  largest = max(b - a for a, b in even_split(num_records, process_count))
+  return max(1, math.ceil(largest / local_batch))
+
+
+def _batched(examples: grain.MapDataset, batch: int,
+             num_threads: int) -> Iterator[Batch]:
+  names = ('image', 'label', 'mask')
+  batches = examples.batch(batch, drop_remainder=True).to_iter_dataset(
+      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch))
+  for columns in batches:
+    yield {name: np.asarray(col) for name, col in zip(names, columns)}

@@ -1,0 +1,205 @@
+r"""A synthetic mini-ImageNet in the real ImageNet archive format.
+
+  python -m glmix_jax.data.synthetic --out=DIR [--classes=10] \
+      [--images_per_class=260] [--image_size=96]
+
+writes ``DIR/ILSVRC2012_img_train.tar``: one ``<wnid>.tar`` per class holding
+``<wnid>_<n>.JPEG`` files, exactly as ImageNet ships it, so the real TFDS
+``imagenet2012`` builder prepares it offline (``glmix_jax.data.prepare``). The
+classes are the first ``classes`` WordNet ids of the builder's ``labels.txt``,
+so their TFDS labels are 0 .. classes - 1.
+
+Each picture holds two objects on a textured background: a red disc (the
+anchor) and a target shape of another colour. The class is the target's shape
+(square, triangle, cross, ring, bar) *and* whether it lies above or below the
+anchor, so a model must relate two objects across the image (global context),
+not just detect a local pattern; sizes, positions, colours and the background
+vary. Horizontal flips, as in the training recipe, keep the class.
+
+``label_in_pixels=True`` instead paints each image one flat colour that
+encodes its label (``label_from_pixels`` reads it back after JPEG, resizing and
+cropping): the end-to-end label tests use it, and only in that mode can a
+validation archive (``ILSVRC2012_img_val.tar``) be written, because the builder
+labels the k-th sorted validation file with the k-th line of its shipped
+``validation_labels.txt``, whatever classes that names.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+from etils import epath
+from PIL import Image, ImageDraw
+
+SHAPES = ('square', 'triangle', 'cross', 'ring', 'bar')
+MAX_DRAWN_CLASSES = 2 * len(SHAPES)
+TRAIN_TAR = 'ILSVRC2012_img_train.tar'
+VAL_TAR = 'ILSVRC2012_img_val.tar'
+
+
+def _imagenet_files():
+  # Imported here: TFDS is only needed to find the builder's label lists.
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet_common  # pylint: disable=g-import-not-at-top
+  return imagenet_common
+
+
+def wordnet_ids() -> list[str]:
+  """The 1000 ImageNet WordNet ids in TFDS label order."""
+  path = epath.Path(_imagenet_files().label_names_file())
+  return path.read_text().split()
+
+
+def validation_wnids() -> list[str]:
+  """The WordNet id TFDS gives the k-th sorted validation file."""
+  common = _imagenet_files()
+  path = epath.Path(common.__file__).parent / 'validation_labels.txt'
+  return path.read_text().split()
+
+
+def _colour(rng: np.random.Generator, avoid_red: bool) -> tuple[int, int, int]:
+  while True:
+    c = tuple(int(v) for v in rng.integers(0, 256, 3))
+    if not avoid_red or not (c[0] > 150 and c[1] < 110 and c[2] < 110):
+      return c
+
+
+def draw_object_pair(label: int, size: int,
+                     rng: np.random.Generator) -> Image.Image:
+  """A textured picture of class ``label`` in [0, 10): shape and relation."""
+  shape, target_below = SHAPES[label // 2], bool(label % 2)
+  # Background: a random linear gradient plus mild noise.
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  a, b = rng.uniform(-1, 1, 2)
+  base = rng.uniform(60, 190, 3)
+  grad = (a * xx + b * yy)[..., None] * rng.uniform(20, 60, 3)
+  noise = rng.normal(0, 10, (size, size, 3))
+  image = Image.fromarray(np.clip(base + grad + noise, 0, 255).astype(np.uint8))
+  pen = ImageDraw.Draw(image)
+
+  r = size * rng.uniform(0.09, 0.14)  # object half-size
+  # The anchor and target sit in opposite halves (top / bottom), at
+  # independent horizontal positions: horizontal flips keep the class.
+  top_y = rng.uniform(r, size / 2 - r)
+  bottom_y = rng.uniform(size / 2 + r, size - r)
+  anchor_y, target_y = (top_y, bottom_y) if target_below else (bottom_y, top_y)
+  anchor_x, target_x = rng.uniform(r, size - r, 2)
+  red = (int(rng.integers(190, 256)), int(rng.integers(0, 60)),
+         int(rng.integers(0, 60)))
+  pen.ellipse([anchor_x - r, anchor_y - r, anchor_x + r, anchor_y + r],
+              fill=red)
+
+  colour = _colour(rng, avoid_red=True)
+  x, y = target_x, target_y
+  w = max(1, round(r / 3))
+  if shape == 'square':
+    pen.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+  elif shape == 'triangle':
+    pen.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+  elif shape == 'cross':
+    pen.rectangle([x - r, y - w, x + r, y + w], fill=colour)
+    pen.rectangle([x - w, y - r, x + w, y + r], fill=colour)
+  elif shape == 'ring':
+    pen.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=w)
+  else:  # bar
+    pen.rectangle([x - r, y - w, x + r, y + w], fill=colour)
+  return image
+
+
+def label_colour(label: int) -> tuple[int, int, int]:
+  """The flat colour that encodes ``label`` (< 4096) in label-in-pixels mode."""
+  return tuple(16 * (label // 16**k % 16) + 8 for k in range(3))
+
+
+def label_from_pixels(image: np.ndarray) -> int:
+  """The label of a label-in-pixels image, from RGB values in [0, 255]."""
+  digits = (round((float(np.median(image[..., k])) - 8) / 16) for k in range(3))
+  return sum(int(d) * 16**k for k, d in enumerate(digits))
+
+
+def _jpeg(image: Image.Image) -> bytes:
+  out = io.BytesIO()
+  image.save(out, format='JPEG', quality=90)
+  return out.getvalue()
+
+
+def _draw(label: int, size: int, rng: np.random.Generator,
+          label_in_pixels: bool) -> bytes:
+  if label_in_pixels:
+    return _jpeg(Image.new('RGB', (size, size), label_colour(label)))
+  return _jpeg(draw_object_pair(label, size, rng))
+
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  archive.addfile(info, io.BytesIO(data))
+
+
+def write_dataset(out: str | epath.Path, *, classes: int = 10,
+                  images_per_class: int = 260, image_size: int = 96,
+                  val_images: int = 0, label_in_pixels: bool = False,
+                  seed: int = 0) -> epath.Path:
+  """Writes the train (and optionally validation) archive into ``out``.
+
+  Returns:
+    ``out``, ready to be the TFDS ``manual_dir``.
+  """
+  if not label_in_pixels and not 1 <= classes <= MAX_DRAWN_CLASSES:
+    raise ValueError(f'classes={classes}: the drawn dataset has 1 to '
+                     f'{MAX_DRAWN_CLASSES} classes (label_in_pixels allows '
+                     'up to 1000).')
+  if val_images and not label_in_pixels:
+    raise ValueError('A validation archive needs label_in_pixels: TFDS labels '
+                     'validation files from its own list, not from our '
+                     'classes. Hold out part of the train split instead.')
+  out = epath.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  wnids = wordnet_ids()
+  with (out / TRAIN_TAR).open('wb') as f, tarfile.open(fileobj=f,
+                                                      mode='w') as train:
+    for label in range(classes):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode='w') as class_tar:
+        for n in range(images_per_class):
+          _add(class_tar, f'{wnids[label]}_{n}.JPEG',
+               _draw(label, image_size, rng, label_in_pixels))
+      _add(train, f'{wnids[label]}.tar', inner.getvalue())
+  if val_images:
+    index = {w: i for i, w in enumerate(wnids)}
+    with (out / VAL_TAR).open('wb') as f, tarfile.open(fileobj=f,
+                                                      mode='w') as val:
+      for k, wnid in enumerate(validation_wnids()[:val_images]):
+        _add(val, f'ILSVRC2012_val_{k + 1:08d}.JPEG',
+             _draw(index[wnid], image_size, rng, label_in_pixels=True))
+  return out
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  out = write_dataset(f.out, classes=f.classes,
+                      images_per_class=f.images_per_class,
+                      image_size=f.image_size, val_images=f.val_images,
+                      label_in_pixels=f.label_in_pixels, seed=f.seed)
+  print(f'Wrote {f.classes} x {f.images_per_class} images to {out / TRAIN_TAR}'
+        + (f' and {f.val_images} to {out / VAL_TAR}' if f.val_images else ''))
+
+
+if __name__ == '__main__':
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from glmix_jax import cli  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('out', None, 'Output directory (the TFDS manual_dir).',
+                      required=True)
+  flags.DEFINE_integer('classes', 10, 'Number of classes.')
+  flags.DEFINE_integer('images_per_class', 260, 'Training images per class.')
+  flags.DEFINE_integer('image_size', 96, 'Side of the square images.')
+  flags.DEFINE_integer('val_images', 0, 'Validation images (needs '
+                       '--label_in_pixels).')
+  flags.DEFINE_bool('label_in_pixels', False, 'Flat images whose colour '
+                    'encodes the label, for label-correctness tests.')
+  flags.DEFINE_integer('seed', 0, 'Random seed.')
+  cli.run(main)

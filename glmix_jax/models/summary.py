@@ -1,0 +1,138 @@
+"""Model summary: parameters, GMACs and per-stage output shapes.
+
+MACs (multiply-accumulates) are counted exactly from the traced program, not
+estimated: every convolution and every matrix product (dense layers,
+attention QK^T and AV, slot clustering and dispatch) in the eval-mode jaxpr
+contributes output elements x contraction size (1x1 convs are matmuls
+here). This is what PyTorch's
+``FlopCounterMode`` counts (convs + matmuls + SDPA), the figure the GLNet
+spec recommends (glnet.md §3); element-wise ops, norms and the adaptive
+average pool that builds the initial slots are not counted (fvcore adds about
+0.4 % for them).
+
+Command::
+
+  python -m glmix_jax.models.summary --model=glnet_stl [--image_size=224]
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glmix_jax import models
+
+_NOT_COUNTED_SCOPES = ('adaptive_avg_pool',)
+
+
+def _dot_general_macs(eqn) -> int:
+  lhs = eqn.invars[0].aval.shape
+  (lhs_contract, _), _ = eqn.params['dimension_numbers']
+  contract = math.prod(lhs[d] for d in lhs_contract)
+  return math.prod(eqn.outvars[0].aval.shape) * contract
+
+
+def _conv_macs(eqn) -> int:
+  rhs = eqn.invars[1].aval.shape
+  dims = eqn.params['dimension_numbers']
+  # rhs_spec = (out feature dim, in feature dim, *spatial dims)
+  in_features = rhs[dims.rhs_spec[1]]
+  window = math.prod(rhs[d] for d in dims.rhs_spec[2:])
+  out = math.prod(eqn.outvars[0].aval.shape)
+  return out * in_features * window  # in_features is already C_in / groups
+
+
+_COUNTERS = {'dot_general': _dot_general_macs,
+             'conv_general_dilated': _conv_macs}
+
+
+def _sub_jaxprs(eqn):
+  for param in eqn.params.values():
+    for p in (param if isinstance(param, (list, tuple)) else (param,)):
+      if isinstance(p, jax.extend.core.ClosedJaxpr):
+        yield p.jaxpr
+      elif isinstance(p, jax.extend.core.Jaxpr):
+        yield p
+
+
+def _count(jaxpr, totals: collections.Counter, scope: str = '') -> None:
+  for eqn in jaxpr.eqns:
+    name_stack = f'{scope}/{eqn.source_info.name_stack}'
+    if eqn.primitive.name in _COUNTERS:
+      skipped = any(s in name_stack for s in _NOT_COUNTED_SCOPES)
+      kind = 'not counted' if skipped else eqn.primitive.name
+      totals[kind] += _COUNTERS[eqn.primitive.name](eqn)
+    for sub in _sub_jaxprs(eqn):
+      _count(sub, totals, name_stack)
+
+
+def count_macs(model: nn.Module, variables: Any,
+               image_shape: tuple[int, ...]) -> dict[str, int]:
+  """MACs of one eval forward, by primitive: ``{'conv_general_dilated': ..,
+  'dot_general': .., 'total': .., 'not counted': ..}``."""
+  images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+      variables, images)
+  totals = collections.Counter()
+  _count(jaxpr.jaxpr, totals)
+  totals['total'] = totals['conv_general_dilated'] + totals['dot_general']
+  return dict(totals)
+
+
+def summarize(name: str, image_size: int | tuple[int, int] = 224,
+              **overrides) -> dict[str, Any]:
+  """Parameters, MACs and feature shapes of a registered model (abstractly:
+  nothing is allocated or computed)."""
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  model = models.build(name, **overrides)
+  shape = (1, h, w, 3)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
+  _, features = jax.eval_shape(
+      lambda v: model.apply(v, jnp.zeros(shape), return_features=True),
+      variables)
+  return dict(
+      model=name, image_size=(h, w),
+      params=sum(int(np.prod(x.shape))
+                 for x in jax.tree_util.tree_leaves(variables['params'])),
+      macs=count_macs(model, variables, shape),
+      features={k: tuple(v.shape) for k, v in features.items()})
+
+
+def format_summary(s: dict[str, Any]) -> str:
+  """Human-readable table of ``summarize``'s result."""
+  macs = s['macs']
+  lines = [
+      f'{s["model"]} at {s["image_size"][0]}x{s["image_size"][1]}',
+      f'  parameters   {s["params"]:>15,}',
+      f'  GMACs        {macs["total"] / 1e9:>15.3f}  '
+      f'(k x k convs {macs.get("conv_general_dilated", 0) / 1e9:.3f}, '
+      f'matmuls {macs.get("dot_general", 0) / 1e9:.3f}; '
+      f'{macs["total"]:,} MACs)',
+      '  output shapes (batch 1, NHWC):',
+  ]
+  lines += [f'    {k:<8} {s["features"][k]}'
+            for k in ('stem', 'stage1', 'stage2', 'stage3', 'stage4')]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  size = tuple(int(v) for v in f.image_size.split('x'))
+  print(format_summary(summarize(f.model, size[0] if len(size) == 1 else size)))
+
+
+if __name__ == '__main__':
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from glmix_jax import cli  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('model', None, 'Registered model name.', required=True)
+  flags.DEFINE_string('image_size', '224', 'Side, or HxW (e.g. 224x160).')
+  cli.run(main)

@@ -1,0 +1,52 @@
+"""Test setup: 8 fake CPU devices and a persistent compilation cache.
+
+Both must be configured before JAX initialises its backend, so this module
+sets them at import time, before any test module imports JAX.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / 'tests' / 'data'
+# The official-code fixtures; the two largest are read from here, not copied.
+SHARED_REFERENCE = ROOT.parent / 'shared' / 'reference'
+
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.get('GLMIX_JAX_CACHE', str(ROOT / '.jax_cache')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _eight_devices():
+  assert jax.device_count() == 8, 'tests expect 8 fake CPU devices'
+
+
+def reference_file(name: str) -> pathlib.Path:
+  """A fixture of the official code: tests/data first, then ../shared."""
+  for folder in (DATA, SHARED_REFERENCE):
+    if (folder / name).exists():
+      return folder / name
+  pytest.skip(f'{name} is neither in tests/data nor in {SHARED_REFERENCE} '
+              '(the shared reference folder sits beside the repository in CI).')
+
+
+@pytest.fixture(scope='session')
+def label_dataset(tmp_path_factory):
+  """A TFDS imagenet2012 prepared offline from a label-in-pixels synthetic
+  set: 12 classes x 20 train images, 30 validation images (48 px)."""
+  from glmix_jax.data import prepare, synthetic  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('label_dataset')
+  synthetic.write_dataset(root / 'manual', classes=12, images_per_class=20,
+                          image_size=48, val_images=30, label_in_pixels=True)
+  prepare.prepare('imagenet2012', data_dir=str(root / 'tfds'),
+                  manual_dir=str(root / 'manual'))
+  return str(root / 'tfds')

@@ -1,0 +1,33 @@
+"""The recipe configs: each builds its model and carries the paper's recipe."""
+
+import importlib
+
+import pytest
+
+from glmix_jax import models
+
+# Official README drop-path rates (spec glnet.md §2).
+GLNET_CONFIGS = {'glnet_stl': 0.1, 'glnet_4g': 0.15, 'glnet_9g': 0.3,
+                 'glnet_16g': 0.4}
+
+
+@pytest.mark.parametrize('name', sorted(GLNET_CONFIGS))
+def test_glnet_config_is_the_official_recipe(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.model_name == name
+  model = models.build(config.model_name, **config.model)
+  assert model.drop_path_rate == GLNET_CONFIGS[name]
+  assert config.total_epochs == 300 and config.warmup_epochs == 5
+  assert config.global_batch_size == 2048
+  opt = config.optimizer
+  assert (opt.name, opt.lr, opt.min_lr, opt.weight_decay) == (
+      'adamw', 2e-3, 1e-5, 0.05)
+  assert (opt.b1, opt.b2, opt.eps, opt.grad_clip_norm) == (0.9, 0.999, 1e-8, 5.0)
+  assert opt.weight_decay_rule == 'convnextv2'
+  assert config.ema_decay == 0.9999
+  aug = config.augmentation
+  assert aug.randaugment == 'rand-m9-mstd0.5-inc1'
+  assert (aug.mixup_alpha, aug.cutmix_alpha, aug.mix_switch_prob) == (0.8, 1.0,
+                                                                      0.5)
+  assert (aug.label_smoothing, aug.random_erasing) == (0.1, 0.25)
+  assert config.data.image_size == 224 and config.data.eval_crop_pct == 0.875

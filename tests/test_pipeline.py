@@ -1,0 +1,155 @@
+"""The input pipeline on a real TFDS imagenet2012 built from synthetic tars:
+labels end to end, exact resume, per-process splits, padded evaluation."""
+
+import io
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from glmix_jax import sharding
+from glmix_jax.data import pipeline, synthetic
+
+
+def decode(data, rng=None):
+  del rng
+  return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.float32)
+
+
+def labelled(data, rng):
+  """Decoded image plus a random offset: shows which rng a position used."""
+  return decode(data) + rng.integers(0, 1000)
+
+
+@pytest.fixture(name='train')
+def _train(label_dataset):
+  return pipeline.open_split('imagenet2012', 'train', label_dataset)
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_labels_survive_the_real_builder_end_to_end(label_dataset, train):
+  wnids = synthetic.wordnet_ids()
+  for batch in pipeline.eval_batches(train, decode, local_batch=16):
+    for image, label, mask in zip(batch['image'], batch['label'],
+                                  batch['mask']):
+      if mask:
+        assert synthetic.label_from_pixels(image) == label < 12
+  val = pipeline.open_split('imagenet2012', 'validation', label_dataset)
+  expected = [wnids.index(w) for w in synthetic.validation_wnids()[:30]]
+  seen = []
+  for batch in pipeline.eval_batches(val, decode, local_batch=7):
+    for image, label, mask in zip(batch['image'], batch['label'],
+                                  batch['mask']):
+      if mask:
+        assert synthetic.label_from_pixels(image) == label
+        seen.append(int(label))
+  assert sorted(seen) == sorted(expected)
+
+
+def test_training_stream_resumes_exactly(train):
+  stream = take(pipeline.train_batches(train, labelled, seed=3,
+                                       global_batch=8), 6)
+  resumed = take(pipeline.train_batches(train, labelled, seed=3,
+                                        global_batch=8, start_step=4), 2)
+  for a, b in zip(stream[4:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  other_seed = next(pipeline.train_batches(train, labelled, seed=4,
+                                           global_batch=8))
+  assert not np.array_equal(other_seed['image'], stream[0]['image'])
+
+
+@pytest.mark.parametrize('processes', [2, 3])
+def test_processes_share_the_single_process_stream(train, processes):
+  single = take(pipeline.train_batches(train, labelled, seed=0,
+                                       global_batch=12, start_step=2), 2)
+  parts = [take(pipeline.train_batches(
+      train, labelled, seed=0, global_batch=12, start_step=2,
+      process_index=k, process_count=processes), 2) for k in range(processes)]
+  for step in range(2):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([p[step][key] for p in parts]), single[step][key])
+
+
+def test_each_epoch_reads_every_record_once():
+  n = 240
+  epoch0 = [pipeline.train_record_index(p, seed=1, num_records=n)
+            for p in range(n)]
+  epoch1 = [pipeline.train_record_index(p, seed=1, num_records=n)
+            for p in range(n, 2 * n)]
+  assert sorted(epoch0) == sorted(epoch1) == list(range(n))
+  assert epoch0 != epoch1  # reshuffled every epoch
+  repeated = [pipeline.train_record_index(p, seed=1, num_records=n, repeats=3)
+              for p in range(n)]
+  assert repeated[0::3] == repeated[1::3] == repeated[2::3]
+  assert len(set(repeated)) == n // 3
+
+
+@pytest.mark.parametrize('processes', [1, 2, 3])
+@pytest.mark.parametrize('local_batch', [5, 16])
+def test_eval_counts_every_example_exactly_once(train, processes,
+                                                local_batch):
+  labels, steps = [], set()
+  for k in range(processes):
+    batches = list(pipeline.eval_batches(
+        train, decode, local_batch=local_batch, process_index=k,
+        process_count=processes))
+    steps.add(len(batches))
+    for batch in batches:
+      labels += list(batch['label'][batch['mask']])
+  assert len(steps) == 1  # every process runs the same number of steps
+  assert len(labels) == len(train)
+  assert sorted(labels) == sorted(train[i]['label'] for i in range(len(train)))
+
+
+def test_global_batch_is_sharded_over_the_data_axis(train):
+  mesh = sharding.make_mesh()
+  local = next(pipeline.train_batches(train, decode, seed=0, global_batch=16))
+  batch = next(sharding.device_batches(iter([local]), mesh))
+  assert batch['image'].shape == (16, 48, 48, 3)
+  assert batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
+  assert len(batch['label'].addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(batch['label']), local['label'])
+
+
+def test_bad_input_is_a_clear_error(tmp_path, label_dataset):
+  with pytest.raises(pipeline.DatasetError, match='prepare --dataset=imagenet2012'):
+    pipeline.open_split('imagenet2012', 'train', str(tmp_path))
+  with pytest.raises(pipeline.DatasetError, match="Unknown TFDS dataset 'imagenet3000'"):
+    pipeline.open_split('imagenet3000', 'train', str(tmp_path))
+  with pytest.raises(pipeline.DatasetError, match="Split 'test'"):
+    pipeline.open_split('imagenet2012', 'test', label_dataset)
+  with pytest.raises(ValueError, match='not divisible by the 8 devices'):
+    pipeline.check_batch_size(20, process_count=2, local_device_count=4)
+  assert pipeline.check_batch_size(32, process_count=2, local_device_count=4) == 16
+
+
+def test_synthetic_archive_has_the_imagenet_layout(tmp_path):
+  synthetic.write_dataset(tmp_path, classes=3, images_per_class=2,
+                          image_size=32)
+  wnids = synthetic.wordnet_ids()[:3]
+  with tarfile.open(tmp_path / synthetic.TRAIN_TAR) as outer:
+    assert outer.getnames() == [f'{w}.tar' for w in wnids]
+    inner = tarfile.open(fileobj=outer.extractfile(f'{wnids[1]}.tar'))
+    assert inner.getnames() == [f'{wnids[1]}_0.JPEG', f'{wnids[1]}_1.JPEG']
+  with pytest.raises(ValueError, match='needs label_in_pixels'):
+    synthetic.write_dataset(tmp_path, classes=3, val_images=4)
+  with pytest.raises(ValueError, match='1 to 10 classes'):
+    synthetic.write_dataset(tmp_path, classes=11)
+
+
+def test_drawn_classes_differ_by_shape_and_side():
+  rng = np.random.default_rng(0)
+  # Same seed per class: only the class changes what is drawn.
+  images = [np.asarray(synthetic.draw_object_pair(
+      label, 64, np.random.default_rng(7)), np.float32) for label in range(10)]
+  for a in range(10):
+    for b in range(a + 1, 10):
+      assert np.abs(images[a] - images[b]).max() > 50
+  del rng

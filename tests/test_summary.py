@@ -1,0 +1,49 @@
+"""The summary command: exact parameter and MAC counts of the official models."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from glmix_jax.models import summary
+
+# torch FlopCounterMode totals of the official code at 224x224 (conv + matmul
+# + SDPA; spec glnet.md §4.2), and the spec's "everything counted" column
+# (fvcore + attention) in GMACs.
+OFFICIAL_MACS = {
+    'glnet_stl': (4_347_432_960, 4.365),
+    'glnet_stl_paramslot': (4_347_432_960, 4.363),
+    'glnet_4g': (4_482_122_752, 4.507),
+    'glnet_9g': (9_588_155_904, 9.626),
+    'glnet_16g': (16_604_170_240, 16.655),
+    'glnet_4g_tklb': (4_507_210_752, 4.533),
+    'glnet_9g_tklb': (9_625_787_904, 9.664),
+}
+
+
+@pytest.mark.parametrize('name', sorted(OFFICIAL_MACS))
+def test_macs_equal_official_count(name):
+  exact, everything = OFFICIAL_MACS[name]
+  macs = summary.summarize(name)['macs']['total']
+  assert macs == exact
+  assert abs(macs / 1e9 - everything) / everything < 0.01
+
+
+def test_macs_follow_the_input_size():
+  # GLMix is linear in the pixels; the stage-4 MHSA on 3x2 tokens is tiny.
+  small = summary.summarize('glnet_stl', (96, 80))
+  assert small['features']['stage4'] == (1, 3, 2, 768)
+  assert 0.15 < small['macs']['total'] / OFFICIAL_MACS['glnet_stl'][0] < 0.25
+
+
+def test_summary_command_prints_params_gmacs_and_shapes():
+  done = subprocess.run(
+      [sys.executable, '-m', 'glmix_jax.models.summary', '--model=glnet_4g',
+       '--image_size=224'], capture_output=True, text=True, cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
+  assert done.returncode == 0, done.stderr
+  assert '27,001,593' in done.stdout
+  assert '4.482' in done.stdout
+  assert 'stage3   (1, 14, 14, 256)' in done.stdout
