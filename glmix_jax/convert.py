@@ -121,14 +121,13 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray],
   """
   targets = variable_shapes(model_name, **overrides)
   flat: dict[tuple[str, ...], np.ndarray] = {}
-  unexpected, misshaped = [], []
+  unexpected, misshaped, nonzero = [], [], []
   for key, value in state_dict.items():
     if key.rsplit('.', 1)[-1] in _DROPPED:
       continue
     if key.endswith(_ZERO_ONLY):
       if np.any(np.asarray(value)):
-        problems.append(f'key {key!r} is non-zero, but the model has no such '
-                        'bias (the official one has none either)')
+        nonzero.append(key)
       continue
     path = flax_path(key, targets)
     if path not in targets or path in flat:
@@ -145,7 +144,10 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray],
              + (', ...' if len(keys) > 5 else '')
              for what, keys in (('unexpected keys', unexpected),
                                 ('mis-shaped keys', misshaped),
-                                ('Flax variables without a key', missing))
+                                ('Flax variables without a key', missing),
+                                ('non-zero tensors the model does not have '
+                                 '(the official one has none either)',
+                                 nonzero))
              if keys]
   if reports:
     raise ConversionError(f'state dict does not match {model_name} (check the '
