@@ -10,8 +10,9 @@ models in the same job for comparison:
       [--torch_python=/work/torchvenv/bin/python --official=/path/to/ACmix]
 
 ``--official`` is a checkout of LeapLabTHU/ACmix (never part of this
-repository); its models are imported from there and timed by a separate
-process under ``--torch_python`` with ``torch.set_num_threads`` = CPU count.
+repository); its models are imported from there, unmodified, and timed by a
+separate process under ``--torch_python`` (torch only; torchvision and timm
+are not needed) with ``torch.set_num_threads`` = CPU count.
 """
 
 from __future__ import annotations
@@ -36,18 +37,32 @@ MODELS = ('acmix_resnet50', 'acmix_swin_t')
 # Runs in the torch venv: builds the official model, times eval forwards.
 _TORCH_SCRIPT = textwrap.dedent('''
     import json, os, statistics, sys, time, types
-    import torch, torchvision
+    import torch
     root, name, batch, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     if name == 'acmix_resnet50':
-      # ResNet_ImageNet.py imports a torchvision module that no longer exists.
-      sys.modules['torchvision.models.utils'] = types.SimpleNamespace(
-          load_state_dict_from_url=torch.hub.load_state_dict_from_url)
+      # ResNet_ImageNet.py imports load_state_dict_from_url from a torchvision
+      # module that no longer exists; it is torch.hub's (and unused here).
+      for module in ('torchvision', 'torchvision.models',
+                     'torchvision.models.utils'):
+        sys.modules[module] = types.ModuleType(module)
+      sys.modules['torchvision.models.utils'].load_state_dict_from_url = (
+          torch.hub.load_state_dict_from_url)
       sys.path.insert(0, os.path.join(root, 'ResNet'))
       import ResNet_ImageNet
       model = ResNet_ImageNet.ACmix_ResNet(layers=[3, 4, 6, 3])
     else:
+      # The model file takes three helpers from timm; timm 1.x imports a
+      # torchvision that must match the torch build, so provide them directly
+      # (DropPath is the identity in eval).
+      layers = types.ModuleType('timm.models.layers')
+      layers.DropPath = lambda rate=0.0: torch.nn.Identity()
+      layers.to_2tuple = lambda x: (x, x)
+      layers.trunc_normal_ = torch.nn.init.trunc_normal_
+      for module in ('timm', 'timm.models'):
+        sys.modules[module] = types.ModuleType(module)
+      sys.modules['timm.models.layers'] = layers
       sys.path.insert(0, os.path.join(root, 'Swin-Transformer', 'models'))
       import swin_transformer_acmix as swin
       model = swin.SwinTransformer_acmix(drop_path_rate=0.2)
@@ -89,10 +104,12 @@ def time_jax(name: str, batch: int, repeats: int) -> dict:
 
 def time_torch(python: str, official: str, name: str, batch: int,
                repeats: int) -> dict:
-  out = subprocess.run(
+  run = subprocess.run(
       [python, '-c', _TORCH_SCRIPT, official, name, str(batch), str(repeats)],
-      check=True, capture_output=True, text=True).stdout
-  return json.loads(out.strip().splitlines()[-1])
+      capture_output=True, text=True, check=False)
+  if run.returncode:
+    raise RuntimeError(f'The official {name} failed:\n{run.stderr}')
+  return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main():
