@@ -27,7 +27,21 @@ def imagenet_data() -> ml_collections.ConfigDict:
       interpolation='bicubic',
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
+      num_threads=16,  # decoding / augmentation threads per process
   ))
+
+
+def loop(**overrides) -> dict:
+  """Bookkeeping of a run: logging, evaluation and checkpoint cadence."""
+  return dict(
+      total_steps=0,  # > 0 overrides total_epochs
+      log_steps=100,
+      eval_steps=0,  # 0: evaluate at the end only
+      checkpoint_steps=1000,
+      keep_checkpoints=3,
+      keep_checkpoint_every=0,  # also keep every N-th step; 0: none
+      max_bad_steps=0,  # non-finite steps skipped before the run stops
+      **overrides)
 
 
 def deit_augmentation() -> ml_collections.ConfigDict:
@@ -56,6 +70,7 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
     **model_overrides: further model fields.
   """
   return ml_collections.ConfigDict(dict(
+      **loop(),
       model_name=model_name,
       model=dict(drop_path_rate=drop_path_rate, dtype='bfloat16',
                  **model_overrides),  # bf16 compute replaces fp16 AMP
@@ -66,7 +81,10 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
       global_batch_size=2048,  # 128 per GPU x 16 GPUs
       optimizer=dict(
           name='adamw',  # torch convention: decay multiplied by the lr
-          lr=2e-3,  # blr 2.5e-4 x 2048 / 256
+          lr=2e-3,  # blr 2.5e-4 x 2048 / 256 ...
+          lr_batch_size=2048,  # ... scaled linearly for other batch sizes
+          schedule='warmup_cosine',
+          warmup_lr=0.0,
           min_lr=1e-5,
           b1=0.9, b2=0.999, eps=1e-8,
           weight_decay=0.05,
@@ -90,6 +108,7 @@ def acmix_swin_recipe(model_name: str,
   augmentation = deit_augmentation()
   augmentation.repeated_augmentation = 1  # Swin has no RASampler
   return ml_collections.ConfigDict(dict(
+      **loop(),
       model_name=model_name,
       model=dict(drop_path_rate=drop_path_rate, dtype='bfloat16'),  # Apex O1
       data=imagenet_data(),  # bicubic resize 256 -> centre crop 224
@@ -99,7 +118,8 @@ def acmix_swin_recipe(model_name: str,
       global_batch_size=1024,
       optimizer=dict(
           name='adamw',
-          lr=1e-3,  # 5e-4 x 1024 / 512
+          lr=1e-3,  # 5e-4 x 1024 / 512 ...
+          lr_batch_size=1024,  # ... scaled linearly for other batch sizes
           warmup_lr=1e-6,  # 5e-7 x 1024 / 512
           min_lr=1e-5,  # 5e-6 x 1024 / 512
           # timm CosineLRScheduler per step, t_initial = all 300 epochs and no
@@ -125,17 +145,27 @@ def acmix_resnet_recipe(model_name: str) -> ml_collections.ConfigDict:
   undefined scheduler), so this is its *intended* schedule; whether the paper
   used exactly these settings is not confirmed.
   """
+  data = imagenet_data()
+  data.interpolation = 'bilinear'  # torchvision defaults
   return ml_collections.ConfigDict(dict(
+      **loop(),
       model_name=model_name,
       model=dict(dtype='float32'),  # fp32 training, no drop path
-      data=dict(imagenet_data(), interpolation='bilinear'),  # torchvision
-      augmentation=dict(
+      data=data,
+      augmentation=dict(  # RandomResizedCrop + flip only
           random_resized_crop_scale=(0.08, 1.0),
           hflip=0.5,
-          # 1 - eps on the target and eps / (K - 1) on every other class
-          # (main.py smooth_loss), not timm's eps / K spread.
+          randaugment='',
+          random_erasing=0.0,
+          mixup_alpha=0.0,
+          cutmix_alpha=0.0,
+          mix_prob=0.0,
+          mix_switch_prob=0.0,
+          # main.py smooth_loss: 1 - eps on the target and eps / (K - 1) on
+          # every other class, not timm's eps / K spread.
           label_smoothing=0.1,
           label_smoothing_off_target='eps_over_k_minus_1',
+          repeated_augmentation=1,
       ),
       total_epochs=90,
       warmup_epochs=5,
@@ -143,6 +173,7 @@ def acmix_resnet_recipe(model_name: str) -> ml_collections.ConfigDict:
       optimizer=dict(
           name='sgd',  # torch SGD: coupled L2 added before momentum
           lr=0.1,
+          lr_batch_size=128,
           # Per step: linear from lr / 4 to lr over 5 epochs, then a half
           # cosine to 0 over the other 85 (glmix_jax.optim.warmup_cosine).
           schedule='warmup_cosine',

@@ -1,16 +1,25 @@
-"""Model checkpoints on disk (Orbax), local or on any ``etils.epath`` path.
+"""Checkpoints on disk (Orbax), local or on any ``etils.epath`` path.
 
-A *model checkpoint* directory, as written by ``python -m glmix_jax.convert``,
-holds ``model.json`` (the registered model name and its field overrides, so
-the model can be rebuilt) and ``variables/`` (an Orbax PyTree checkpoint of
-``{'params': ..., 'batch_stats': ...}``). An existing checkpoint is never
-overwritten.
+Two kinds:
+
+* A *model checkpoint* directory, as written by ``python -m glmix_jax.convert``,
+  holds ``model.json`` (the registered model name and its field overrides, so
+  the model can be rebuilt) and ``variables/`` (an Orbax PyTree checkpoint of
+  ``{'params': ..., 'batch_stats': ...}``). An existing one is never
+  overwritten.
+* *Training checkpoints* in ``WORKDIR/checkpoints/<step>/``: the whole train
+  state (parameters, BN statistics, optimizer state, EMA and the step, which
+  is also the data position), saved asynchronously and atomically by an Orbax
+  ``CheckpointManager``. A crash never leaves a half-written checkpoint
+  behind as the latest one.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+import jax
 
 import flax.linen as nn
 import orbax.checkpoint as ocp
@@ -50,3 +59,47 @@ def load_variables(directory: str | epath.Path) -> tuple[nn.Module, Any]:
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(directory / _VARIABLES_DIR)
   return model, variables
+
+
+class CheckpointError(RuntimeError):
+  """A training checkpoint that exists but cannot be restored."""
+
+
+def train_manager(workdir: str | epath.Path, *, save_every: int, keep: int,
+                  keep_every: int | None) -> ocp.CheckpointManager:
+  """Saves every ``save_every`` steps; keeps the last ``keep`` checkpoints
+  plus every ``keep_every``-th step (None: none extra)."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_every, max_to_keep=keep,
+      keep_period=keep_every, create=True, cleanup_tmp_directories=True,
+      enable_async_checkpointing=True)
+  return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints',
+                               options=options)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:
+  """The latest saved train state, laid out like ``abstract_state`` (a tree
+  of ``jax.ShapeDtypeStruct`` with shardings), or None if there is none.
+
+  Raises:
+    CheckpointError: naming the directory, when the latest checkpoint exists
+      but cannot be restored (the caller must then not train over it).
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except Exception as e:  # any Orbax / tensorstore / structure failure
+    raise CheckpointError(
+        f'Cannot restore the checkpoint {manager.directory / str(step)} '
+        f'({type(e).__name__}: {str(e)[:300]}). It was left untouched; use '
+        'another --workdir, or move that checkpoint away to resume from an '
+        'earlier one.') from e
+
+
+def abstract(tree: Any) -> Any:
+  """``jax.ShapeDtypeStruct``s (with shardings) of a tree of arrays."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      tree)

@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from absl import app
+from absl import logging
 
 
 def run(main: Callable[[Sequence[str]], None],
@@ -19,6 +20,8 @@ def run(main: Callable[[Sequence[str]], None],
   """``absl.app.run(main)``, reporting ``errors`` as one line and exit 1."""
 
   def guarded(argv):
+    # Library INFO logs (Orbax, TFDS) would drown the progress lines.
+    logging.set_verbosity(logging.WARNING)
     try:
       main(argv)
     except errors as e:  # bad input: say what and how to fix it, no trace

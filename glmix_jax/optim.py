@@ -137,3 +137,23 @@ def make_optimizer(cfg, schedule: Schedule,
 def steps_for(epochs: float, examples_per_epoch: int, batch: int) -> int:
   """Optimizer steps in ``epochs`` epochs (rounded up to whole steps)."""
   return math.ceil(epochs * examples_per_epoch / batch)
+
+
+SCHEDULES = ('warmup_cosine', 'timm_cosine', 'timm_cosine_epoch')
+
+
+def make_schedule(cfg, peak: float, *, total_steps: int, warmup_steps: int,
+                  steps_per_epoch: int) -> Schedule:
+  """The schedule named by ``cfg.schedule`` (an ``optimizer`` config block)
+  with fields ``min_lr`` and ``warmup_lr``; ``peak`` is the scaled lr."""
+  kw = dict(end=cfg.min_lr, warmup_from=cfg.warmup_lr)
+  if cfg.schedule == 'warmup_cosine':
+    return warmup_cosine(peak, total=total_steps, warmup=warmup_steps, **kw)
+  if cfg.schedule == 'timm_cosine':
+    return timm_cosine(peak, total=total_steps, warmup=warmup_steps, **kw)
+  if cfg.schedule == 'timm_cosine_epoch':
+    return timm_cosine(peak, total=math.ceil(total_steps / steps_per_epoch),
+                       warmup=round(warmup_steps / steps_per_epoch),
+                       steps_per_update=steps_per_epoch, **kw)
+  raise ValueError(f'Unknown schedule {cfg.schedule!r}; choose from '
+                   f'{", ".join(SCHEDULES)}.')

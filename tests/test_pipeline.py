@@ -138,8 +138,9 @@ def test_synthetic_archive_has_the_imagenet_layout(tmp_path):
     assert outer.getnames() == [f'{w}.tar' for w in wnids]
     inner = tarfile.open(fileobj=outer.extractfile(f'{wnids[1]}.tar'))
     assert inner.getnames() == [f'{wnids[1]}_0.JPEG', f'{wnids[1]}_1.JPEG']
-  with pytest.raises(ValueError, match='needs label_in_pixels'):
-    synthetic.write_dataset(tmp_path, classes=3, val_images=4)
+  with tarfile.open(tmp_path / synthetic.VAL_TAR) as val:
+    assert val.getnames()[:2] == ['ILSVRC2012_val_00000001.JPEG',
+                                  'ILSVRC2012_val_00000002.JPEG']
   with pytest.raises(ValueError, match='1 to 10 classes'):
     synthetic.write_dataset(tmp_path, classes=11)
 

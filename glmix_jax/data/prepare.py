@@ -34,6 +34,7 @@ def prepare(dataset: str, *, data_dir: str | None,
         f'{manual_dir}); download them from image-net.org, or make a synthetic '
         'set with python -m glmix_jax.data.synthetic --out=DIR.')
   builder = tfds.builder(dataset, data_dir=data_dir)
+  tfds.disable_progress_bar()
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))

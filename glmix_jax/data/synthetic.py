@@ -18,10 +18,13 @@ vary. Horizontal flips, as in the training recipe, keep the class.
 
 ``label_in_pixels=True`` instead paints each image one flat colour that
 encodes its label (``label_from_pixels`` reads it back after JPEG, resizing and
-cropping): the end-to-end label tests use it, and only in that mode can a
-validation archive (``ILSVRC2012_img_val.tar``) be written, because the builder
-labels the k-th sorted validation file with the k-th line of its shipped
-``validation_labels.txt``, whatever classes that names.
+cropping); the end-to-end label tests use it.
+
+The validation archive (``ILSVRC2012_img_val.tar``, which the TFDS builder
+requires) always holds such flat label-in-pixels images: the builder labels the
+k-th sorted validation file with the k-th line of its shipped
+``validation_labels.txt``, whatever classes that names, so it cannot hold our
+drawn classes. Hold out part of the train split to validate a model on them.
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_dataset(out: str | epath.Path, *, classes: int = 10,
                   images_per_class: int = 260, image_size: int = 96,
-                  val_images: int = 0, label_in_pixels: bool = False,
+                  val_images: int = 50, label_in_pixels: bool = False,
                   seed: int = 0) -> epath.Path:
   """Writes the train (and optionally validation) archive into ``out``.
 
@@ -150,10 +153,9 @@ def write_dataset(out: str | epath.Path, *, classes: int = 10,
     raise ValueError(f'classes={classes}: the drawn dataset has 1 to '
                      f'{MAX_DRAWN_CLASSES} classes (label_in_pixels allows '
                      'up to 1000).')
-  if val_images and not label_in_pixels:
-    raise ValueError('A validation archive needs label_in_pixels: TFDS labels '
-                     'validation files from its own list, not from our '
-                     'classes. Hold out part of the train split instead.')
+  if not 1 <= val_images <= 50000:
+    raise ValueError(f'val_images={val_images}: the TFDS builder needs a '
+                     'validation archive of 1 to 50000 images.')
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
@@ -167,13 +169,12 @@ def write_dataset(out: str | epath.Path, *, classes: int = 10,
           _add(class_tar, f'{wnids[label]}_{n}.JPEG',
                _draw(label, image_size, rng, label_in_pixels))
       _add(train, f'{wnids[label]}.tar', inner.getvalue())
-  if val_images:
-    index = {w: i for i, w in enumerate(wnids)}
-    with (out / VAL_TAR).open('wb') as f, tarfile.open(fileobj=f,
-                                                      mode='w') as val:
-      for k, wnid in enumerate(validation_wnids()[:val_images]):
-        _add(val, f'ILSVRC2012_val_{k + 1:08d}.JPEG',
-             _draw(index[wnid], image_size, rng, label_in_pixels=True))
+  index = {w: i for i, w in enumerate(wnids)}
+  with (out / VAL_TAR).open('wb') as f, tarfile.open(fileobj=f,
+                                                    mode='w') as val:
+    for k, wnid in enumerate(validation_wnids()[:val_images]):
+      _add(val, f'ILSVRC2012_val_{k + 1:08d}.JPEG',
+           _draw(index[wnid], image_size, rng, label_in_pixels=True))
   return out
 
 
@@ -185,8 +186,8 @@ def main(argv):
                       images_per_class=f.images_per_class,
                       image_size=f.image_size, val_images=f.val_images,
                       label_in_pixels=f.label_in_pixels, seed=f.seed)
-  print(f'Wrote {f.classes} x {f.images_per_class} images to {out / TRAIN_TAR}'
-        + (f' and {f.val_images} to {out / VAL_TAR}' if f.val_images else ''))
+  print(f'Wrote {f.classes} x {f.images_per_class} images to '
+        f'{out / TRAIN_TAR} and {f.val_images} to {out / VAL_TAR}')
 
 
 if __name__ == '__main__':
@@ -197,8 +198,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('classes', 10, 'Number of classes.')
   flags.DEFINE_integer('images_per_class', 260, 'Training images per class.')
   flags.DEFINE_integer('image_size', 96, 'Side of the square images.')
-  flags.DEFINE_integer('val_images', 0, 'Validation images (needs '
-                       '--label_in_pixels).')
+  flags.DEFINE_integer('val_images', 50, 'Validation images (flat, '
+                       'label-in-pixels; the TFDS builder needs some).')
   flags.DEFINE_bool('label_in_pixels', False, 'Flat images whose colour '
                     'encodes the label, for label-correctness tests.')
   flags.DEFINE_integer('seed', 0, 'Random seed.')

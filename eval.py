@@ -1,0 +1,30 @@
+r"""Evaluates a model on the whole validation split (every image exactly once).
+
+  python eval.py --config=configs/glnet_stl.py --workdir=DIR      # a training run: raw + EMA
+  python eval.py --config=configs/glnet_stl.py --checkpoint=DIR   # from glmix_jax.convert
+
+Other splits or datasets by config, e.g. ``--config.data.dataset=imagenet_v2
+--config.data.eval_split=test`` where prepared.
+"""
+
+from absl import flags
+from ml_collections import config_flags
+
+from glmix_jax import cli, launch, train_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                  'A model checkpoint directory.')
+
+
+def main(argv):
+  del argv
+  train_lib.evaluate_checkpoint(_CONFIG.value, workdir=_WORKDIR.value,
+                                model_checkpoint=_CHECKPOINT.value)
+
+
+if __name__ == '__main__':
+  launch.initialize()
+  cli.run(main, errors=launch.USER_ERRORS)

@@ -1,0 +1,68 @@
+"""From a config to batch iterators: the dataset, the transforms, the splits.
+
+The config's ``data`` block names the TFDS dataset and splits; its
+``augmentation`` block the training transforms (``augment.train_transform``).
+``data.synthetic`` (classes, images_per_class, image_size) marks the
+synthetic mini-ImageNet: it is written and prepared under the workdir on
+first use, so a demo needs nothing but the code.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+from etils import epath
+
+from glmix_jax.data import augment, pipeline, prepare, synthetic
+
+
+def transform_config(config: ml_collections.ConfigDict
+                     ) -> ml_collections.ConfigDict:
+  """The fields ``augment`` reads: image size, normalisation, augmentation."""
+  data = config.data
+  return ml_collections.ConfigDict(dict(
+      image_size=data.image_size, interpolation=data.interpolation,
+      mean=data.mean, std=data.std, eval_crop_pct=data.eval_crop_pct,
+      augmentation=config.augmentation))
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """The TFDS data_dir; prepares the synthetic dataset there if configured."""
+  data = config.data
+  if not data.get('synthetic'):
+    return data.data_dir
+  root = epath.Path(data.data_dir or epath.Path(workdir) / 'data')
+  if jax.process_index() == 0 and not (root / 'imagenet2012').exists():
+    manual = root / 'manual'
+    synthetic.write_dataset(manual, seed=config.seed,
+                            **data.synthetic.to_dict())
+    prepare.prepare('imagenet2012', data_dir=str(root), manual_dir=str(manual))
+  multihost_utils.sync_global_devices('synthetic dataset ready')
+  return str(root)
+
+
+def train_batches(config: ml_collections.ConfigDict, source, *,
+                  start_step: int, global_batch: int) -> Iterator[dict]:
+  """This process's training batches from ``start_step`` on."""
+  return pipeline.train_batches(
+      source,
+      functools.partial(augment.train_transform, cfg=transform_config(config)),
+      seed=config.seed, global_batch=global_batch, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      repeats=config.augmentation.repeated_augmentation,
+      num_threads=config.data.num_threads)
+
+
+def eval_batches(config: ml_collections.ConfigDict, source, *,
+                 global_batch: int) -> Iterator[dict]:
+  """This process's padded evaluation batches (with ``'mask'``)."""
+  return pipeline.eval_batches(
+      source,
+      functools.partial(augment.eval_transform, cfg=transform_config(config)),
+      local_batch=global_batch // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data.num_threads)

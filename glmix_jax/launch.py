@@ -1,0 +1,38 @@
+"""Process start-up for the entry points: multi-host initialisation and the
+errors that count as bad input (reported as one line, exit status 1).
+
+Multi-host: on a TPU pod slice or a SLURM / Open MPI GPU cluster, set
+``GLMIX_JAX_DISTRIBUTED=1`` and ``jax.distributed`` finds its peers itself;
+elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Either must happen before JAX
+touches a device, which is why the entry points call ``initialize()`` first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from glmix_jax import checkpoint, train_lib
+from glmix_jax.data import pipeline
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
+               pipeline.DatasetError, checkpoint.CheckpointError,
+               train_lib.NonFiniteError)
+
+
+def initialize() -> None:
+  """``jax.distributed.initialize`` when the environment asks for it."""
+  address = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if address:
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+        process_id=int(os.environ['JAX_PROCESS_ID']))
+  elif os.environ.get('GLMIX_JAX_DISTRIBUTED') == '1':
+    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    print(f'process {jax.process_index()} of {jax.process_count()}: '
+          f'{jax.local_device_count()} local of {jax.device_count()} devices',
+          flush=True)

@@ -1,0 +1,26 @@
+r"""Trains a model: ``python train.py --config=configs/glnet_stl.py --workdir=DIR``.
+
+Any config field can be overridden on the command line
+(``--config.global_batch_size=1024``). A run restarted with the same workdir
+resumes from its latest checkpoint; SIGTERM saves and exits 0.
+"""
+
+from absl import flags
+from ml_collections import config_flags
+
+from glmix_jax import cli, launch, train_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Checkpoints, metrics and logs.', required=True)
+
+
+def main(argv):
+  del argv
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  launch.initialize()
+  cli.run(main, errors=launch.USER_ERRORS)
