@@ -38,7 +38,8 @@ MODELS = ('acmix_resnet50', 'acmix_swin_t')
 _TORCH_SCRIPT = textwrap.dedent('''
     import json, os, statistics, sys, time, types
     import torch
-    root, name, batch, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    root, name = sys.argv[1:3]
+    batch, repeats = int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     if name == 'acmix_resnet50':

@@ -134,7 +134,8 @@ def test_zero_dep_conv_bias_is_dropped_and_nonzero_is_refused(module_s2):
 def test_missing_rate_is_named(module_s2):
   overrides, state_dict = module_s2
   del state_dict['rate2']
-  with pytest.raises(convert.ConversionError, match='without a key: params/rate2'):
+  with pytest.raises(convert.ConversionError,
+                     match='without a key: params/rate2'):
     convert.convert_state_dict('acmix_module', state_dict, **overrides)
 
 

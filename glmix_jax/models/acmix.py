@@ -55,7 +55,8 @@ kaiming_fan_out_init = nn.initializers.variance_scaling(2.0, 'fan_out',
 
 
 def shift_kernel_init(key, shape, dtype=jnp.float32) -> jax.Array:
-  """Grouped-conv kernel (3, 3, 9, O) of one-hot shifts: W[p, q, t, o] = [t == 3p + q].
+  """Grouped-conv kernel (3, 3, 9, O) of one-hot shifts, W[p, q, t, o] =
+  [t == 3p + q] (torch ``reset_parameters`` of ``dep_conv``).
 
   Map t of a group is read at offset (p - 1, q - 1): with the k^2 FC in front,
   this is exactly a 3x3 convolution (paper Fig. 3c-III).
@@ -422,9 +423,9 @@ class ACmixResNet(nn.Module):
 
   def min_image_size(self) -> int:
     """Smallest input side for which every ACmix map is valid."""
-    return _smallest(self._size_problem)
+    return _smallest(self.size_problem)
 
-  def _size_problem(self, height: int, width: int) -> str | None:
+  def size_problem(self, height: int, width: int) -> str | None:
     """Why an input size is invalid (None if valid), module by module."""
     sizes = np.array([height, width])
     sizes = (sizes - 1) // 2 + 1  # 7x7/s2 conv, padding 3
@@ -714,9 +715,9 @@ class ACmixSwin(nn.Module):
 
   def min_image_size(self) -> int:
     """Smallest input side whose every stage has whole windows."""
-    return _smallest(self._size_problem, step=SWIN_PATCH)
+    return _smallest(self.size_problem, step=SWIN_PATCH)
 
-  def _size_problem(self, height: int, width: int) -> str | None:
+  def size_problem(self, height: int, width: int) -> str | None:
     """Why an input size is invalid (None if valid), stage by stage."""
     if height % SWIN_PATCH or width % SWIN_PATCH:
       return f'a side is not a multiple of the patch size {SWIN_PATCH}'
@@ -771,12 +772,12 @@ def _smallest(problem, step: int = 1, limit: int = 4096) -> int:
 
 
 def _check_images(model: nn.Module, images: jax.Array):
-  """NHWC with the model's channels and a size without ``_size_problem``."""
+  """NHWC with the model's channels and a size without ``size_problem``."""
   name = type(model).__name__
   if images.ndim != 4 or images.shape[-1] != model.in_channels:
     raise ValueError(f'{name} expects NHWC images (B, H, W, '
                      f'{model.in_channels}), got shape {images.shape}.')
-  problem = model._size_problem(*images.shape[1:3])  # pylint: disable=protected-access
+  problem = model.size_problem(*images.shape[1:3])
   if problem is not None:
     smallest = model.min_image_size()
     raise ValueError(
