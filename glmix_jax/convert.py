@@ -12,8 +12,11 @@ rename plus a layout change decided by each tensor's kind:
   Linear (O, I) -> (I, O); LayerScale (1, C, 1, 1) -> (C,).
 
 Every torch tensor must land on exactly one Flax variable of the same size and
-every Flax variable must be filled; otherwise the error names the key. Only
-``num_batches_tracked`` is dropped.
+every Flax variable must be filled; otherwise the error names the key. Dropped:
+``num_batches_tracked`` and the buffers the model recomputes (Swin's
+``relative_position_index`` and ``attn_mask``); an ACmix ``dep_conv.bias``,
+which the official model does not have (acmix.md §9 #1), is dropped only if it
+is all zeros.
 
 Command::
 
@@ -36,7 +39,11 @@ from glmix_jax import weight_files
 
 Variables = dict[str, Any]
 
-_DROPPED = ('num_batches_tracked',)
+# Counters and buffers derived from the architecture, recomputed by the model.
+_DROPPED = ('num_batches_tracked', 'relative_position_index', 'attn_mask')
+# Tensors some third-party copies add although the model has none: accepted
+# only when they cannot change the function, i.e. all zeros.
+_ZERO_ONLY = ('dep_conv.bias',)
 _BATCH_STATS = {'running_mean': 'mean', 'running_var': 'var'}
 
 # The state-dict entry each released checkpoint keeps its weights under.
@@ -57,8 +64,9 @@ def variable_shapes(model_name: str, **overrides) -> dict[tuple[str, ...], tuple
   model = models.build(model_name, **overrides)
   size = 224 if not hasattr(model, 'min_image_size') else max(
       64, model.min_image_size())
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+  channels = getattr(model, 'in_channels', 3)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels))))
   return {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
 
 
@@ -113,9 +121,13 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray],
   """
   targets = variable_shapes(model_name, **overrides)
   flat: dict[tuple[str, ...], np.ndarray] = {}
-  unexpected, misshaped = [], []
+  unexpected, misshaped, nonzero = [], [], []
   for key, value in state_dict.items():
     if key.rsplit('.', 1)[-1] in _DROPPED:
+      continue
+    if key.endswith(_ZERO_ONLY):
+      if np.any(np.asarray(value)):
+        nonzero.append(key)
       continue
     path = flax_path(key, targets)
     if path not in targets or path in flat:
@@ -132,7 +144,10 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray],
              + (', ...' if len(keys) > 5 else '')
              for what, keys in (('unexpected keys', unexpected),
                                 ('mis-shaped keys', misshaped),
-                                ('Flax variables without a key', missing))
+                                ('Flax variables without a key', missing),
+                                ('non-zero tensors the model does not have '
+                                 '(the official one has none either)',
+                                 nonzero))
              if keys]
   if reports:
     raise ConversionError(f'state dict does not match {model_name} (check the '

@@ -31,3 +31,34 @@ def test_glnet_config_is_the_official_recipe(name):
                                                                       0.5)
   assert (aug.label_smoothing, aug.random_erasing) == (0.1, 0.25)
   assert config.data.image_size == 224 and config.data.eval_crop_pct == 0.875
+
+
+# ACmix recipes (spec acmix.md §7): drop path per README, and the schedule /
+# decay rule that glmix_jax.optim implements for each family.
+ACMIX_CONFIGS = {'acmix_swin_t': 0.2, 'acmix_swin_s': 0.3,
+                 'acmix_resnet50': 0.0}
+
+
+@pytest.mark.parametrize('name', sorted(ACMIX_CONFIGS))
+def test_acmix_config_is_the_official_recipe(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.model_name == name
+  model = models.build(config.model_name, **config.model)
+  assert model.drop_path_rate == ACMIX_CONFIGS[name]
+  opt = config.optimizer
+  assert opt.schedule in ('timm_cosine', 'warmup_cosine')
+  if name.startswith('acmix_swin'):
+    assert (config.total_epochs, config.warmup_epochs) == (300, 20)
+    assert config.global_batch_size == 1024
+    assert (opt.name, opt.lr, opt.warmup_lr, opt.min_lr) == (
+        'adamw', 1e-3, 1e-6, 1e-5)
+    assert (opt.weight_decay, opt.weight_decay_rule, opt.grad_clip_norm) == (
+        0.05, 'swin', 5.0)
+    assert config.augmentation.repeated_augmentation == 1
+  else:
+    assert (config.total_epochs, config.warmup_epochs) == (90, 5)
+    assert config.global_batch_size == 128
+    assert (opt.name, opt.lr, opt.warmup_lr, opt.momentum) == (
+        'sgd', 0.1, 0.025, 0.9)
+    assert (opt.weight_decay, opt.weight_decay_rule) == (1e-4, 'all')
+    assert config.augmentation.label_smoothing == 0.1

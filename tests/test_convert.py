@@ -44,12 +44,8 @@ def assert_matches(ours, ref, what):
   assert err <= tol, f'{what}: max abs error {err:.2e} > {tol:.2e}'
 
 
-@pytest.mark.parametrize('fixture', sorted(GLNET_FIXTURES))
-def test_converted_weights_reproduce_official_outputs(fixture):
-  arrays, overrides, state_dict = load_fixture(fixture)
-  name = GLNET_FIXTURES[fixture]
-  variables = convert.convert_state_dict(name, state_dict, **overrides)
-  model = models.build(name, **overrides)
+def assert_network_matches(model, variables, arrays, fixture):
+  """Logits and the stem / stage maps of a converted network vs a fixture."""
   with jax.default_matmul_precision('highest'):
     logits, features = jax.jit(
         lambda v, x: model.apply(v, x, return_features=True))(
@@ -59,6 +55,15 @@ def test_converted_weights_reproduce_official_outputs(fixture):
   for i in range(4):
     assert_matches(features[f'stage{i + 1}'], arrays[f'feat/{i}'],
                    f'{fixture} stage {i + 1}')
+
+
+@pytest.mark.parametrize('fixture', sorted(GLNET_FIXTURES))
+def test_converted_weights_reproduce_official_outputs(fixture):
+  arrays, overrides, state_dict = load_fixture(fixture)
+  name = GLNET_FIXTURES[fixture]
+  variables = convert.convert_state_dict(name, state_dict, **overrides)
+  model = models.build(name, **overrides)
+  assert_network_matches(model, variables, arrays, fixture)
 
 
 @pytest.fixture(name='stl')

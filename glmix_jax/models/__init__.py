@@ -1,7 +1,8 @@
 """The model registry: ``build(name, **overrides)`` and ``list_models()``.
 
-Each family module contributes a ``VARIANTS`` table (name -> constructor
-arguments) for one Flax module class; ``build`` looks a name up and applies the
+Each family module contributes a variants table (name -> constructor
+arguments) per Flax module class (``glnet.VARIANTS``, ``acmix.RESNET_VARIANTS``
+...); ``build`` looks a name up and applies the
 caller's overrides, which may be any field of that class (``num_classes``,
 ``drop_path_rate``, ``dtype``, ``dims``, ``depths`` ...).
 """
@@ -13,10 +14,19 @@ import fnmatch
 
 import flax.linen as nn
 
+from glmix_jax.models import acmix
 from glmix_jax.models import glnet
 
+_FAMILIES: tuple[tuple[type[nn.Module], dict[str, dict]], ...] = (
+    (glnet.GLNet, glnet.VARIANTS),
+    (acmix.ACmix, acmix.MODULE_VARIANTS),
+    (acmix.ACmixResNet, acmix.RESNET_VARIANTS),
+    (acmix.ACmixSwin, acmix.SWIN_VARIANTS),
+)
+
 _REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
-    name: (glnet.GLNet, args) for name, args in glnet.VARIANTS.items()
+    name: (cls, args) for cls, variants in _FAMILIES
+    for name, args in variants.items()
 }
 
 

@@ -72,17 +72,23 @@ def conv2d(features: int, kernel_size: int, *, stride: int = 1,
 
 
 def pointwise(features: int, *, in_features: int, dtype: Dtype,
-              param_dtype: Dtype, name: str) -> nn.Dense:
-  """A 1x1 ``nn.Conv2d`` as a Dense over the channel axis (torch conv init)."""
+              param_dtype: Dtype, name: str,
+              kernel_init: Initializer | None = None) -> nn.Dense:
+  """A 1x1 ``nn.Conv2d`` as a Dense over the channel axis (torch conv init).
+
+  The bias always keeps torch's default init; ``kernel_init`` replaces the
+  weight init only (e.g. a model-wide kaiming re-initialisation).
+  """
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=torch_default_kernel_init,
+                  kernel_init=kernel_init or torch_default_kernel_init,
                   bias_init=torch_default_bias_init(in_features), name=name)
 
 
 def linear(features: int, *, dtype: Dtype, param_dtype: Dtype,
-           name: str) -> nn.Dense:
+           name: str, use_bias: bool = True) -> nn.Dense:
   """An ``nn.Linear`` under timm's ViT-style init (normal 0.02, zero bias)."""
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype,
+                  param_dtype=param_dtype,
                   kernel_init=timm_linear_kernel_init,
                   bias_init=nn.initializers.zeros, name=name)
 
