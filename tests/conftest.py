@@ -19,8 +19,8 @@ DATA = ROOT / 'tests' / 'data'
 # The official-code fixtures; the two largest are read from here, not copied.
 SHARED_REFERENCE = ROOT.parent / 'shared' / 'reference'
 
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ.get('GLMIX_JAX_CACHE', str(ROOT / '.jax_cache')))
+CACHE_DIR = os.environ.get('GLMIX_JAX_CACHE', str(ROOT / '.jax_cache'))
+jax.config.update('jax_compilation_cache_dir', CACHE_DIR)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 

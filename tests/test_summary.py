@@ -23,6 +23,22 @@ OFFICIAL_MACS = {
 }
 
 
+# ACmix: FlopCounterMode (conv/matmul) plus the 7x7 window attention's
+# element-wise MACs, in GMACs (spec acmix.md §5 "meas").
+ACMIX_MACS = {'acmix_resnet26': 2.217, 'acmix_resnet38': 2.859,
+              'acmix_resnet50': 3.502, 'acmix_swin_t': 4.645,
+              'acmix_swin_s': 8.993}
+
+
+@pytest.mark.parametrize('name', sorted(ACMIX_MACS))
+def test_acmix_macs_within_one_percent_of_official(name):
+  # The block-diagonal dep_conv is counted as the grouped conv it computes.
+  summary_ = summary.summarize(name)
+  assert abs(summary_['macs']['total'] / 1e9 - ACMIX_MACS[name]) < (
+      0.01 * ACMIX_MACS[name])
+  assert summary_['macs']['declared'] > 0
+
+
 @pytest.mark.parametrize('name', sorted(OFFICIAL_MACS))
 def test_macs_equal_official_count(name):
   exact, everything = OFFICIAL_MACS[name]

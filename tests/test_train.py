@@ -17,14 +17,14 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conftest import ROOT
+from conftest import CACHE_DIR, ROOT
 from configs import tiny
 from glmix_jax import checkpoint, optim, sharding, train_lib
 
 
 def subprocess_env(**extra):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(ROOT / '.jax_cache'),
+             JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
              JAX_NUM_CPU_DEVICES='8')

@@ -81,7 +81,7 @@ def draw_object_pair(label: int, size: int,
   image = Image.fromarray(np.clip(base + grad + noise, 0, 255).astype(np.uint8))
   pen = ImageDraw.Draw(image)
 
-  r = size * rng.uniform(0.09, 0.14)  # object half-size
+  r = size * rng.uniform(0.13, 0.19)  # object half-size
   # The anchor and target sit in opposite halves (top / bottom), at
   # independent horizontal positions: horizontal flips keep the class.
   top_y = rng.uniform(r, size / 2 - r)

@@ -110,6 +110,8 @@ class HeadMapFC(nn.Module):
     kernel = kernel.astype(self.dtype).reshape(len(parts), heads, SHIFTS)
     out = sum(p[..., n, :, None].astype(self.dtype) * kernel[i, n]
               for i, p in enumerate(parts) for n in range(heads))
+    # torch runs this as a 1x1 conv: output elements x fan_in MACs.
+    layers.declare_macs(self, 'fc', out.size * fan_in)
     if self.use_bias:
       bias = self.param('bias', layers.torch_default_bias_init(fan_in),
                         (SHIFTS,), self.param_dtype)
@@ -144,17 +146,19 @@ class GroupedShiftConv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (3, 3, taps, self.features), self.param_dtype)
     kernel = kernel.astype(self.dtype)
-    if groups <= DENSE_DEP_CONV_MAX_GROUPS:
-      per_group = kernel.reshape(3, 3, taps, groups, self.features // groups)
-      kernel = jnp.einsum('pqtcj,ce->pqctej', per_group,
-                          jnp.eye(groups, dtype=self.dtype))
-      kernel = kernel.reshape(3, 3, groups * taps, self.features)
-      groups = 1
-    return jax.lax.conv_general_dilated(
-        f.reshape(b, h, w, -1).astype(self.dtype), kernel,
-        (self.stride, self.stride), ((1, 1), (1, 1)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=groups)
+    conv = functools.partial(
+        jax.lax.conv_general_dilated, f.reshape(b, h, w, -1).astype(self.dtype),
+        window_strides=(self.stride, self.stride), padding=((1, 1), (1, 1)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if groups > DENSE_DEP_CONV_MAX_GROUPS:
+      return conv(kernel, feature_group_count=groups)
+    per_group = kernel.reshape(3, 3, taps, groups, self.features // groups)
+    kernel = jnp.einsum('pqtcj,ce->pqctej', per_group,
+                        jnp.eye(groups, dtype=self.dtype))
+    with jax.named_scope(layers.UNCOUNTED_MACS_SCOPE):  # d x the true MACs
+      out = conv(kernel.reshape(3, 3, groups * taps, self.features))
+    layers.declare_macs(self, 'grouped_conv', out.size * taps * 9)
+    return out
 
 
 def shift_conv_path(parts: Sequence[jax.Array], *, features: int,
@@ -332,6 +336,8 @@ class ACmix(nn.Module):
                           name='conv_p', **kw)(
                               position_grid(h, w, self.dtype))
     att = local_attention(q, k, v, pe, heads=self.heads, stride=self.stride)
+    # q.(k + pe) and attn.v over the 49 window positions (spec §5).
+    layers.declare_macs(self, 'local_attention', 2 * att.size * ATT_KERNEL**2)
 
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, head_dim)
     conv = shift_conv_path(

@@ -72,7 +72,8 @@ def adaptive_avg_pool(x: jax.Array, grid: int) -> jax.Array:
   """(B, H, W, C) -> (B, grid, grid, C) with PyTorch's adaptive-pool bins."""
   rows = adaptive_pool_matrix(x.shape[1], grid)
   cols = adaptive_pool_matrix(x.shape[2], grid)
-  with jax.named_scope('adaptive_avg_pool'):  # kept out of the MAC count
+  # Pooling, not a learned contraction: PyTorch's counters skip it too.
+  with jax.named_scope(layers.UNCOUNTED_MACS_SCOPE):
     return jnp.einsum('ih,jw,bhwc->bijc', rows, cols, x)
 
 

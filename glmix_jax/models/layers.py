@@ -48,6 +48,29 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 
 
 # ---------------------------------------------------------------------------
+# MAC accounting (``glmix_jax.models.summary``). The summary counts every
+# convolution and matrix product in the traced program. Ops it cannot see
+# (element-wise products that are a contraction in the official code) declare
+# their MACs; ops that would be over-counted (e.g. a grouped conv run as a
+# dense block-diagonal one for speed) run inside this scope and declare the
+# true count instead.
+
+UNCOUNTED_MACS_SCOPE = 'uncounted_macs'
+
+
+DECLARED_MACS_PREFIX = 'macs_'
+
+
+def declare_macs(module: nn.Module, name: str, macs: int) -> None:
+  """Records ``macs`` for an op of ``module`` that the counter cannot see.
+
+  Sown into ``intermediates`` (which ``init`` and plain ``apply`` discard, so
+  training pays nothing) as ``macs_<name>``.
+  """
+  module.sow('intermediates', DECLARED_MACS_PREFIX + name, int(macs))
+
+
+# ---------------------------------------------------------------------------
 # Convolutions with PyTorch's symmetric padding.
 
 

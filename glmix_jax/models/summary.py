@@ -21,14 +21,14 @@ import collections
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from glmix_jax import models
-
-_NOT_COUNTED_SCOPES = ('adaptive_avg_pool',)
+from glmix_jax.models import layers
 
 
 def _dot_general_macs(eqn) -> int:
@@ -61,15 +61,17 @@ def _sub_jaxprs(eqn):
         yield p
 
 
-def _count(jaxpr, totals: collections.Counter, scope: str = '') -> None:
+def _count(jaxpr, totals: collections.Counter, scope: str = '',
+           repeats: int = 1) -> None:
   for eqn in jaxpr.eqns:
     name_stack = f'{scope}/{eqn.source_info.name_stack}'
     if eqn.primitive.name in _COUNTERS:
-      skipped = any(s in name_stack for s in _NOT_COUNTED_SCOPES)
+      skipped = layers.UNCOUNTED_MACS_SCOPE in name_stack
       kind = 'not counted' if skipped else eqn.primitive.name
-      totals[kind] += _COUNTERS[eqn.primitive.name](eqn)
+      totals[kind] += repeats * _COUNTERS[eqn.primitive.name](eqn)
+    trips = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
     for sub in _sub_jaxprs(eqn):
-      _count(sub, totals, name_stack)
+      _count(sub, totals, name_stack, repeats * trips)
 
 
 def count_macs(model: nn.Module, variables: Any,
@@ -77,11 +79,25 @@ def count_macs(model: nn.Module, variables: Any,
   """MACs of one eval forward, by primitive: ``{'conv_general_dilated': ..,
   'dot_general': .., 'total': .., 'not counted': ..}``."""
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
-      variables, images)
+  declared = {}
+
+  def forward(v, x):
+    # Declared counts depend on shapes only; evaluating constants eagerly
+    # keeps them concrete (Flax stores sown values as arrays).
+    with jax.ensure_compile_time_eval():
+      logits, state = model.apply(v, x, train=False,
+                                  mutable=['intermediates'])
+    flat = flax.traverse_util.flatten_dict(state['intermediates'])
+    declared.update({k: int(v[0]) for k, v in flat.items()
+                     if k[-1].startswith(layers.DECLARED_MACS_PREFIX)})
+    return logits
+
+  jaxpr = jax.make_jaxpr(forward)(variables, images)
   totals = collections.Counter()
   _count(jaxpr.jaxpr, totals)
-  totals['total'] = totals['conv_general_dilated'] + totals['dot_general']
+  totals['declared'] = sum(declared.values())
+  totals['total'] = (totals['conv_general_dilated'] + totals['dot_general']
+                     + totals['declared'])
   return dict(totals)
 
 
@@ -112,9 +128,10 @@ def format_summary(s: dict[str, Any]) -> str:
       f'{s["model"]} at {s["image_size"][0]}x{s["image_size"][1]}',
       f'  parameters   {s["params"]:>15,}',
       f'  GMACs        {macs["total"] / 1e9:>15.3f}  '
-      f'(k x k convs {macs.get("conv_general_dilated", 0) / 1e9:.3f}, '
-      f'matmuls {macs.get("dot_general", 0) / 1e9:.3f}; '
-      f'{macs["total"]:,} MACs)',
+      f'(k x k convs {macs["conv_general_dilated"] / 1e9:.3f}, '
+      f'matmuls {macs["dot_general"] / 1e9:.3f}'
+      + (f', declared {macs["declared"] / 1e9:.3f}' if macs['declared'] else '')
+      + f'; {macs["total"]:,} MACs)',
       '  output shapes (batch 1, NHWC):',
   ]
   lines += [f'    {k:<8} {s["features"][k]}'
