@@ -12,12 +12,26 @@ import sys
 from typing import Callable, Sequence
 
 from absl import app
+from absl import flags
 from absl import logging
 
 
 def run(main: Callable[[Sequence[str]], None],
         errors: tuple[type[BaseException], ...] = (ValueError,)) -> None:
-  """``absl.app.run(main)``, reporting ``errors`` as one line and exit 1."""
+  """``absl.app.run(main)``, reporting ``errors`` as one line and exit 1.
+
+  Flags are parsed first under the same rule: ml_collections raises plain
+  KeyError / AttributeError / TypeError for a config field that does not exist
+  or has the wrong type.
+  """
+  try:
+    flags.FLAGS(sys.argv)
+  except (KeyError, AttributeError) as e:
+    print(f'error: no such config field: {e}', file=sys.stderr)
+    sys.exit(1)
+  except (flags.Error, TypeError, ValueError) as e:
+    print(f'error: bad command line: {e}', file=sys.stderr)
+    sys.exit(1)
 
   def guarded(argv):
     # Library INFO logs (Orbax, TFDS) would drown the progress lines.

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 
-import jax
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TF is imported
 
-from glmix_jax import checkpoint, train_lib
-from glmix_jax.data import pipeline
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from glmix_jax import checkpoint, train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from glmix_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
                pipeline.DatasetError, checkpoint.CheckpointError,

@@ -88,7 +88,7 @@ def test_sigkill_and_restart_ends_bitwise_equal(reference_run, tmp_path):
     time.sleep(0.05)
   process.kill()  # SIGKILL: no handler runs
   process.wait()
-  assert (checkpoints / '4').exists()
+  assert (checkpoints / '8').exists() and not (checkpoints / '12').exists()
   done = run_train(tmp_path, data)
   assert done.returncode == 0, done.stderr[-3000:]
   step, params, ema = final_params(tmp_path)

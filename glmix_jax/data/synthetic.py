@@ -61,11 +61,14 @@ def validation_wnids() -> list[str]:
   return path.read_text().split()
 
 
-def _colour(rng: np.random.Generator, avoid_red: bool) -> tuple[int, int, int]:
+def _target_colour(rng: np.random.Generator,
+                   background: np.ndarray) -> tuple[int, int, int]:
+  """A colour that is neither anchor-red nor close to the background."""
   while True:
-    c = tuple(int(v) for v in rng.integers(0, 256, 3))
-    if not avoid_red or not (c[0] > 150 and c[1] < 110 and c[2] < 110):
-      return c
+    c = rng.integers(0, 256, 3)
+    red = c[0] > 150 and c[1] < 110 and c[2] < 110
+    if not red and np.linalg.norm(c - background) > 120:
+      return tuple(int(v) for v in c)
 
 
 def draw_object_pair(label: int, size: int,
@@ -93,7 +96,7 @@ def draw_object_pair(label: int, size: int,
   pen.ellipse([anchor_x - r, anchor_y - r, anchor_x + r, anchor_y + r],
               fill=red)
 
-  colour = _colour(rng, avoid_red=True)
+  colour = _target_colour(rng, base)
   x, y = target_x, target_y
   w = max(1, round(r / 3))
   if shape == 'square':

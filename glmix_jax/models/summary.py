@@ -75,9 +75,10 @@ def _count(jaxpr, totals: collections.Counter, scope: str = '',
 
 
 def count_macs(model: nn.Module, variables: Any,
-               image_shape: tuple[int, ...]) -> dict[str, int]:
-  """MACs of one eval forward, by primitive: ``{'conv_general_dilated': ..,
-  'dot_general': .., 'total': .., 'not counted': ..}``."""
+               image_shape: tuple[int, ...]) -> tuple[dict[str, int], Any]:
+  """MACs of one eval forward, by primitive (``{'conv_general_dilated': ..,
+  'dot_general': .., 'declared': .., 'total': .., 'not counted': ..}``), and
+  the shapes of what the forward returns."""
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
   declared = {}
 
@@ -85,40 +86,37 @@ def count_macs(model: nn.Module, variables: Any,
     # Declared counts depend on shapes only; evaluating constants eagerly
     # keeps them concrete (Flax stores sown values as arrays).
     with jax.ensure_compile_time_eval():
-      logits, state = model.apply(v, x, train=False,
-                                  mutable=['intermediates'])
+      out, state = model.apply(v, x, train=False, return_features=True,
+                               mutable=['intermediates'])
     flat = flax.traverse_util.flatten_dict(state['intermediates'])
     declared.update({k: int(v[0]) for k, v in flat.items()
                      if k[-1].startswith(layers.DECLARED_MACS_PREFIX)})
-    return logits
+    return out
 
-  jaxpr = jax.make_jaxpr(forward)(variables, images)
+  jaxpr, shapes = jax.make_jaxpr(forward, return_shape=True)(variables, images)
   totals = collections.Counter()
   _count(jaxpr.jaxpr, totals)
   totals['declared'] = sum(declared.values())
   totals['total'] = (totals['conv_general_dilated'] + totals['dot_general']
                      + totals['declared'])
-  return dict(totals)
+  return dict(totals), shapes
 
 
 def summarize(name: str, image_size: int | tuple[int, int] = 224,
               **overrides) -> dict[str, Any]:
-  """Parameters, MACs and feature shapes of a registered model (abstractly:
+  """Parameters, MACs and feature shapes of a registered network (abstractly:
   nothing is allocated or computed)."""
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
   model = models.build(name, **overrides)
   shape = (1, h, w, 3)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
-  _, features = jax.eval_shape(
-      lambda v: model.apply(v, jnp.zeros(shape), return_features=True),
-      variables)
+  macs, (_, features) = count_macs(model, variables, shape)
   return dict(
       model=name, image_size=(h, w),
       params=sum(int(np.prod(x.shape))
                  for x in jax.tree_util.tree_leaves(variables['params'])),
-      macs=count_macs(model, variables, shape),
-      features={k: tuple(v.shape) for k, v in features.items()})
+      macs=macs, features={k: tuple(v.shape) for k, v in features.items()})
 
 
 def format_summary(s: dict[str, Any]) -> str:
