@@ -44,6 +44,8 @@ def loop(**overrides) -> dict:
       keep_checkpoints=3,
       keep_checkpoint_every=0,  # also keep every N-th step; 0: none
       max_bad_steps=0,  # non-finite steps skipped before the run stops
+      grad_accum_steps=1,  # > 1: global_batch_size over this many passes
+      fsdp=False,  # shard parameters and optimizer state over the devices
       **overrides)
 
 

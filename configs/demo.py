@@ -6,8 +6,11 @@ The synthetic dataset (10 classes: a target shape above or below a red disc,
 see ``glmix_jax/data/synthetic.py``) is written and prepared into
 ``WORKDIR/data`` on first use; 10 % of its train split is held out for
 validation. The paper's recipe (``common.glnet_recipe``), shrunk: a 1-1-2-1
-block GLNet-STL at 64 px, batch 64, no Mixup/CutMix or RandAugment (too strong
-for 2,600 images), float32 on the CPU.
+block GLNet-STL at 48 px, batch 64, 35 epochs, no Mixup/CutMix or RandAugment
+(too strong for 2,600 images), float32 on the CPU.
+
+On a 2-core CPU it takes about five minutes and reaches about 98 % top-1 on
+the held-out images (chance: 10 %); see README.md for the measured run.
 """
 
 from configs import common
@@ -20,12 +23,12 @@ def get_config():
   config.model.dtype = 'float32'
   config.data.update(
       synthetic=dict(classes=10, images_per_class=260, image_size=80),
-      num_classes=10, image_size=64, train_split='train[:90%]',
+      num_classes=10, image_size=48, train_split='train[:90%]',
       eval_split='train[90%:]', num_threads=4)
   config.augmentation.update(
-      random_resized_crop_scale=(0.6, 1.0), randaugment='', random_erasing=0.0,
+      random_resized_crop_scale=(0.7, 1.0), randaugment='', random_erasing=0.0,
       mixup_alpha=0.0, cutmix_alpha=0.0, repeated_augmentation=1)
-  config.update(total_epochs=30, warmup_epochs=2, global_batch_size=64,
+  config.update(total_epochs=35, warmup_epochs=2, global_batch_size=64,
                 ema_decay=0.0, log_steps=50, checkpoint_steps=200)
   config.optimizer.update(lr=2e-3, lr_batch_size=64)
   return config

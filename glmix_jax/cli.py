@@ -25,7 +25,7 @@ def run(main: Callable[[Sequence[str]], None],
   or has the wrong type.
   """
   try:
-    flags.FLAGS(sys.argv)
+    args = flags.FLAGS(sys.argv)
   except (KeyError, AttributeError) as e:
     print(f'error: no such config field: {e}', file=sys.stderr)
     sys.exit(1)
@@ -42,4 +42,4 @@ def run(main: Callable[[Sequence[str]], None],
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=lambda argv: args)  # parsed once, above

@@ -66,8 +66,13 @@ def init_state(model, tx: optax.GradientTransformation, image_shape,
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
                tx: optax.GradientTransformation, schedule: optim.Schedule,
                mix_config: ml_collections.FrozenConfigDict, num_classes: int,
-               seed: int, ema_decay: float) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch; skips the update if non-finite."""
+               seed: int, ema_decay: float,
+               accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One step on a global (micro-)batch; skips the update if non-finite.
+
+  With ``accum_steps`` > 1, ``tx`` is an ``optax.MultiSteps``: parameters and
+  EMA change on every ``accum_steps``-th call, with the mean gradient.
+  """
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   mix_rng, dropout_rng = jax.random.split(rng)
   if mix_config.mixup_alpha or mix_config.cutmix_alpha:
@@ -92,8 +97,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
+    updated = (tx.has_updated(opt_state) if accum_steps > 1
+               else True)
     ema = jax.tree_util.tree_map(
-        lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+        lambda e, p: jnp.where(updated, ema_decay * e + (1 - ema_decay) * p, e),
+        ema, params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -103,7 +111,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   kept = state.replace(step=state.step + 1, bad_steps=state.bad_steps + 1)
   new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, kept)
   return new, dict(
-      loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+      loss=loss, grad_norm=grad_norm, lr=schedule(state.step // accum_steps),
       param_norm=optax.global_norm(params), finite=finite,
       accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)))
 
@@ -153,6 +161,7 @@ class _Plan:
 
 
 def _plan(config, num_records: int, global_batch: int) -> _Plan:
+  """Optimizer steps: total, warm-up, per epoch."""
   steps_per_epoch = max(num_records // global_batch, 1)
   if config.get('total_steps'):
     total = config.total_steps
@@ -160,6 +169,25 @@ def _plan(config, num_records: int, global_batch: int) -> _Plan:
     total = optim.steps_for(config.total_epochs, num_records, global_batch)
   return _Plan(total_steps=total, steps_per_epoch=steps_per_epoch,
                warmup_steps=round(config.warmup_epochs * steps_per_epoch))
+
+
+def state_shardings(abstract_state: Any, mesh, fsdp: bool) -> Any:
+  """Replicated state, or (``fsdp``) every array split over ``'data'`` along
+  its largest axis divisible by the device count (ZeRO-3 style: parameters,
+  optimizer state and EMA each live once across the devices; XLA gathers
+  them where a layer needs them)."""
+  devices = mesh.size
+
+  def spec(x):
+    axes = sorted(range(x.ndim), key=lambda a: -x.shape[a])
+    for axis in axes:
+      if fsdp and x.shape[axis] % devices == 0 and x.shape[axis] >= devices:
+        parts = [None] * x.ndim
+        parts[axis] = sharding.DATA_AXIS
+        return NamedSharding(mesh, PartitionSpec(*parts))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree_util.tree_map(spec, abstract_state)
 
 
 def build_model(config: ml_collections.ConfigDict):
@@ -186,7 +214,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
-  global_batch = config.global_batch_size
+  accum = config.grad_accum_steps
+  if config.global_batch_size % accum:
+    raise ValueError(f'global_batch_size={config.global_batch_size} is not '
+                     f'divisible by grad_accum_steps={accum}.')
+  global_batch = config.global_batch_size // accum  # per forward pass
   pipeline.check_batch_size(global_batch, jax.process_count(),
                             jax.local_device_count())
   model = build_model(config)
@@ -195,9 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                      config.data.train_split, data_dir)
   eval_source = pipeline.open_split(config.data.dataset,
                                     config.data.eval_split, data_dir)
-  plan = _plan(config, len(train_source), global_batch)
+  plan = _plan(config, len(train_source), config.global_batch_size)
   opt = config.optimizer
-  peak = opt.lr * global_batch / opt.lr_batch_size  # the recipe's scaling rule
+  # The recipe's linear scaling rule, on the batch of one optimizer step.
+  peak = opt.lr * config.global_batch_size / opt.lr_batch_size
   schedule = optim.make_schedule(opt, peak, total_steps=plan.total_steps,
                                  warmup_steps=plan.warmup_steps,
                                  steps_per_epoch=plan.steps_per_epoch)
@@ -206,12 +239,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   abstract_params = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape)))
   tx = optim.make_optimizer(opt, schedule, abstract_params['params'])
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
 
   replicated = NamedSharding(mesh, PartitionSpec())
   use_ema = bool(config.ema_decay)
-  init = jax.jit(functools.partial(init_state, model, tx, image_shape,
-                                   config.seed, use_ema),
-                 out_shardings=replicated)
+  make_state = functools.partial(init_state, model, tx, image_shape,
+                                 config.seed, use_ema)
+  shardings = state_shardings(jax.eval_shape(make_state), mesh, config.fsdp)
+  init = jax.jit(make_state, out_shardings=shardings)
   manager = checkpoint.train_manager(
       workdir, save_every=config.checkpoint_steps, keep=config.keep_checkpoints,
       keep_every=config.get('keep_checkpoint_every') or None)
@@ -228,13 +264,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     print(f'{config.model_name}: {info["params"]:,} parameters, '
           f'{info["macs"]["total"] / 1e9:.3f} GMACs at {size}x{size}; '
           f'{jax.process_count()} process(es), {jax.device_count()} devices; '
-          f'{plan.total_steps} steps of {global_batch} images.')
+          f'{plan.total_steps} steps of {config.global_batch_size} images'
+          + (f' ({accum} x {global_batch})' if accum > 1 else '') + '.')
 
   mix_config = ml_collections.FrozenConfigDict(_mix_fields(config))
   step_fn = jax.jit(functools.partial(
       train_step, model=model, tx=tx, schedule=schedule, mix_config=mix_config,
       num_classes=config.data.num_classes, seed=config.seed,
-      ema_decay=config.ema_decay), donate_argnums=(0,))
+      ema_decay=config.ema_decay, accum_steps=accum),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
   batches = sharding.device_batches(
       data_input.train_batches(config, train_source, start_step=start,
@@ -254,25 +293,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return results
 
   preemption = _Preemption()
-  progress = metrics.Progress(plan.total_steps, global_batch, start)
+  total = plan.total_steps * accum  # forward passes; the data position
+  progress = metrics.Progress(total, global_batch, start)
   pending = None  # the previous step's metrics, checked one step late
-  for step in range(start, plan.total_steps):
+  for step in range(start, total):
     state, step_metrics = step_fn(state, next(batches))
     if pending is not None:
       _check_finite(*pending, max_bad=config.max_bad_steps)
     pending = (step + 1, step_metrics, state.bad_steps)
     done = step + 1
-    if done % config.log_steps == 0 or done == plan.total_steps:
+    if done % config.log_steps == 0 or done == total:
       scalars = {k: float(v) for k, v in step_metrics.items()
                  if k != 'finite'}
       scalars.update(progress.report(done))
       writer.write(done, scalars)
-      print(metrics.progress_line(done, plan.total_steps, scalars), flush=True)
-    if config.eval_steps and done % config.eval_steps == 0 and \
-        done != plan.total_steps:
+      print(metrics.progress_line(done, total, scalars), flush=True)
+    if config.eval_steps and done % config.eval_steps == 0 and done != total:
       writer.write(done, run_eval())
     manager.save(done, args=checkpoint.ocp.args.StandardSave(state),
-                 force=preemption.requested or done == plan.total_steps)
+                 force=preemption.requested or done == total)
     if preemption.requested:
       manager.wait_until_finished()
       print(f'Preempted (SIGTERM): saved step {done}; exiting.', flush=True)

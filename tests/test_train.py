@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
@@ -157,21 +158,23 @@ def test_bad_config_is_one_clear_line(tmp_path, config, flag, message):
 # In-process: the step function itself.
 
 
-def tiny_setup(batch=16, optimizer='adamw'):
+def tiny_setup(batch=16, optimizer='adamw', accum_steps=1):
   config = tiny.get_config()
   if optimizer == 'sgd':  # Adam would amplify rounding in near-zero gradients
     config.optimizer.update(name='sgd', momentum=0.9, weight_decay_rule='all')
   model = train_lib.build_model(config)
-  schedule = optim.warmup_cosine(1e-3, total=10, warmup=2)
+  schedule = optim.warmup_cosine(1e-3, total=10, warmup=0)
   shape = (1, 32, 32, 3)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros(shape)))['params']
   tx = optim.make_optimizer(config.optimizer, schedule, params)
+  if accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
   step = jax.jit(functools.partial(
       train_lib.train_step, model=model, tx=tx, schedule=schedule,
       mix_config=train_lib.ml_collections.FrozenConfigDict(
           train_lib._mix_fields(config)),
-      num_classes=4, seed=0, ema_decay=0.9))
+      num_classes=4, seed=0, ema_decay=0.9, accum_steps=accum_steps))
   state = train_lib.init_state(model, tx, shape, 0, True)
   rng = np.random.default_rng(0)
   batches = [dict(image=rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
@@ -193,6 +196,39 @@ def test_sharded_step_equals_single_device_step():
   jax.tree_util.tree_map(
       functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
       (sharded.params, sharded.batch_stats), (single.params, single.batch_stats))
+
+
+def test_fsdp_shards_the_state_and_computes_the_same_step():
+  state, step, batches = tiny_setup(optimizer='sgd')
+  mesh = sharding.make_mesh()
+  fsdp = train_lib.state_shardings(state, mesh, fsdp=True)
+  replicated = train_lib.state_shardings(state, mesh, fsdp=False)
+  assert fsdp.params['head']['kernel'].spec == PartitionSpec('data', None)
+  assert fsdp.params['head']['bias'].spec == PartitionSpec()  # 4 classes
+  assert replicated.params['head']['kernel'].spec == PartitionSpec()
+  a = jax.device_put(state, fsdp)
+  b = jax.device_put(state, replicated)
+  for batch in batches:
+    a, _ = step(a, sharding.global_batch(batch, mesh))
+    b, _ = step(b, sharding.global_batch(batch, mesh))
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+      a.params, b.params)
+
+
+def test_gradient_accumulation_updates_every_k_passes():
+  state, step, batches = tiny_setup(accum_steps=2)
+  first, _ = step(state, batches[0])
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         (first.params, first.ema_params),
+                         (state.params, state.ema_params))
+  second, metrics = step(first, batches[1])
+  assert int(second.step) == 2
+  assert not np.allclose(second.params['head']['kernel'],
+                         state.params['head']['kernel'])
+  assert not np.allclose(second.ema_params['head']['kernel'],
+                         state.ema_params['head']['kernel'])
+  np.testing.assert_allclose(metrics["lr"], 1e-3)  # update 0 of the schedule
 
 
 def test_non_finite_batch_is_skipped_and_reported():
