@@ -49,6 +49,31 @@ def loop(**overrides) -> dict:
       **overrides)
 
 
+def with_args(config: ml_collections.ConfigDict,
+              arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config string's arguments (``--config=FILE.py:ARG,ARG``).
+
+  ``runlocal``: the same model and recipe, shrunk to a laptop CPU: a synthetic
+  mini-ImageNet (made in WORKDIR/data) at the config's image size, batch 16,
+  20 steps, float32, progress every step.
+  """
+  args = [a for a in (arg or '').split(',') if a]
+  unknown = sorted(set(args) - {'runlocal'})
+  if unknown:
+    raise ValueError(f'Unknown config argument(s) {unknown}; known: runlocal.')
+  if 'runlocal' in args:
+    config.data.update(
+        synthetic=dict(classes=10, images_per_class=40,
+                       image_size=config.data.image_size),
+        num_classes=10, train_split='train[:90%]', eval_split='train[90%:]',
+        num_threads=4)
+    config.augmentation.repeated_augmentation = 1
+    config.model.dtype = 'float32'
+    config.update(total_steps=20, global_batch_size=16, log_steps=1,
+                  checkpoint_steps=10, eval_steps=0)
+  return config
+
+
 def deit_augmentation() -> ml_collections.ConfigDict:
   """timm ``create_transform`` + Mixup/CutMix as in DeiT / ConvNeXt training."""
   return ml_collections.ConfigDict(dict(

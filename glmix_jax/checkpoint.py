@@ -47,7 +47,7 @@ def save_variables(directory: str | epath.Path, variables: Any, *, model: str,
 
 
 def load_variables(directory: str | epath.Path) -> tuple[nn.Module, Any]:
-  """The model (rebuilt from the registry) and its variables from ``directory``."""
+  """The model (rebuilt from the registry) and its variables."""
   directory = epath.Path(directory).absolute()
   meta_file = directory / _MODEL_FILE
   if not meta_file.exists() or not (directory / _VARIABLES_DIR).exists():

@@ -59,7 +59,8 @@ def default_entry(model_name: str) -> str:
   return _CHECKPOINT_ENTRY.get(model_name, 'model')
 
 
-def variable_shapes(model_name: str, **overrides) -> dict[tuple[str, ...], tuple]:
+def variable_shapes(model_name: str,
+                    **overrides) -> dict[tuple[str, ...], tuple]:
   """Flat ``{(collection, *path): shape}`` of the model's variables."""
   model = models.build(model_name, **overrides)
   size = 224 if not hasattr(model, 'min_image_size') else max(
@@ -150,8 +151,9 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray],
                                  nonzero))
              if keys]
   if reports:
-    raise ConversionError(f'state dict does not match {model_name} (check the '
-                          f'model name and its overrides): {"; ".join(reports)}')
+    raise ConversionError(
+        f'state dict does not match {model_name} (check the model name and '
+        f'its overrides): {"; ".join(reports)}')
   return traverse_util.unflatten_dict(
       {k: jnp.asarray(v) for k, v in flat.items()})
 

@@ -16,8 +16,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TF is imported
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from glmix_jax import checkpoint, train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from glmix_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from glmix_jax import checkpoint, train_lib
+from glmix_jax.data import pipeline
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
                pipeline.DatasetError, checkpoint.CheckpointError,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -153,8 +153,7 @@ class NonFiniteError(RuntimeError):
   """Training produced too many non-finite losses or gradients."""
 
 
-@flax.struct.dataclass
-class _Plan:
+class _Plan(NamedTuple):
   total_steps: int
   warmup_steps: int
   steps_per_epoch: int
@@ -349,8 +348,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
                                        keep_every=None)
     step = manager.latest_step()
     if step is None:
-      raise FileNotFoundError(f'No training checkpoint in {workdir}/checkpoints;'
-                              ' train first, or pass --checkpoint=DIR.')
+      raise FileNotFoundError(f'No training checkpoint in {workdir}/'
+                              'checkpoints; train first, or pass '
+                              '--checkpoint=DIR.')
     state = manager.restore(step, args=checkpoint.ocp.args.StandardRestore())
     weights = {'': state['params']}
     if state.get('ema_params') is not None:

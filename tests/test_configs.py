@@ -62,3 +62,17 @@ def test_acmix_config_is_the_official_recipe(name):
         'sgd', 0.1, 0.025, 0.9)
     assert (opt.weight_decay, opt.weight_decay_rule) == (1e-4, 'all')
     assert config.augmentation.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize('name', sorted(GLNET_CONFIGS) + [
+    'acmix_resnet50', 'acmix_swin_t', 'acmix_swin_s'])
+def test_runlocal_shrinks_any_config_to_the_synthetic_set(name):
+  module = importlib.import_module(f'configs.{name}')
+  full, local = module.get_config(), module.get_config('runlocal')
+  assert local.model_name == full.model_name
+  assert local.data.synthetic.image_size == full.data.image_size
+  assert local.data.num_classes == 10 and local.global_batch_size == 16
+  assert local.total_steps == 20 and local.model.dtype == 'float32'
+  models.build(local.model_name, **local.model)
+  with pytest.raises(ValueError, match='Unknown config argument'):
+    module.get_config('runfast')

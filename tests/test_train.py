@@ -117,6 +117,26 @@ def test_sigterm_saves_the_current_step_and_exits_zero(reference_run,
   assert saved >= 3 and (tmp_path / 'checkpoints' / str(saved)).exists()
 
 
+def test_unrestorable_checkpoint_is_named_and_left_untouched(reference_run,
+                                                            tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_run / 'checkpoints', workdir / 'checkpoints')
+  latest = max(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+               if p.name.isdigit())
+  for path in (workdir / 'checkpoints' / str(latest)).rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'corrupt')
+  before = sorted((p.name, p.stat().st_size)
+                  for p in (workdir / 'checkpoints').rglob('*'))
+  done = run_train(workdir, f'--config.data.data_dir={reference_run / "data"}')
+  assert done.returncode == 1
+  assert f'Cannot restore the checkpoint {workdir}/checkpoints/{latest}' in (
+      done.stderr)
+  assert sorted((p.name, p.stat().st_size)
+                for p in (workdir / 'checkpoints').rglob('*')) == before
+
+
 def test_two_processes_give_the_losses_of_one(reference_run, tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

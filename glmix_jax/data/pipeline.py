@@ -1,4 +1,4 @@
-"""The input pipeline: TFDS ArrayRecord source -> per-process examples -> batches.
+"""The input pipeline: TFDS ArrayRecord -> per-process examples -> batches.
 
 Design: Grain over ``tfds.data_source`` (random access to ArrayRecord files)
 rather than tf.data. Random access lets the training stream be a *pure
@@ -171,6 +171,7 @@ def _batched(examples: grain.MapDataset, batch: int,
              num_threads: int) -> Iterator[Batch]:
   names = ('image', 'label', 'mask')
   batches = examples.batch(batch, drop_remainder=True).to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch))
+      grain.ReadOptions(num_threads=num_threads,
+                        prefetch_buffer_size=2 * batch))
   for columns in batches:
     yield {name: np.asarray(col) for name, col in zip(names, columns)}
