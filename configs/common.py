@@ -55,7 +55,7 @@ def with_args(config: ml_collections.ConfigDict,
 
   ``runlocal``: the same model and recipe, shrunk to a laptop CPU: a synthetic
   mini-ImageNet (made in WORKDIR/data) at the config's image size, batch 16,
-  20 steps, float32, progress every step.
+  20 steps without warm-up, float32, progress every step.
   """
   args = [a for a in (arg or '').split(',') if a]
   unknown = sorted(set(args) - {'runlocal'})
@@ -69,8 +69,8 @@ def with_args(config: ml_collections.ConfigDict,
         num_threads=4)
     config.augmentation.repeated_augmentation = 1
     config.model.dtype = 'float32'
-    config.update(total_steps=20, global_batch_size=16, log_steps=1,
-                  checkpoint_steps=10, eval_steps=0)
+    config.update(total_steps=20, warmup_epochs=0, global_batch_size=16,
+                  log_steps=1, checkpoint_steps=10, eval_steps=0)
   return config
 
 
