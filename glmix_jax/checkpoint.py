@@ -77,6 +77,20 @@ def train_manager(workdir: str | epath.Path, *, save_every: int, keep: int,
                                options=options)
 
 
+def save_now(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Saves ``state`` at ``step`` and returns once it is on disk.
+
+  An asynchronous save still in flight would make Orbax skip this one, so it
+  is awaited first.
+  """
+  manager.wait_until_finished()
+  if step not in manager.all_steps():
+    if not manager.save(step, args=ocp.args.StandardSave(state), force=True):
+      raise CheckpointError(f'Orbax declined to save step {step} in '
+                            f'{manager.directory}.')
+  manager.wait_until_finished()
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:
   """The latest saved train state, laid out like ``abstract_state`` (a tree
   of ``jax.ShapeDtypeStruct`` with shardings), or None if there is none.

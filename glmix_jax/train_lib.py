@@ -309,15 +309,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       print(metrics.progress_line(done, total, scalars), flush=True)
     if config.eval_steps and done % config.eval_steps == 0 and done != total:
       writer.write(done, run_eval())
-    manager.save(done, args=checkpoint.ocp.args.StandardSave(state),
-                 force=preemption.requested or done == total)
+    if preemption.requested or done == total:
+      checkpoint.save_now(manager, done, state)
+    else:
+      manager.save(done, args=checkpoint.ocp.args.StandardSave(state))
     if preemption.requested:
-      manager.wait_until_finished()
       print(f'Preempted (SIGTERM): saved step {done}; exiting.', flush=True)
       return {}
   if pending is not None:
     _check_finite(*pending, max_bad=config.max_bad_steps)
-  manager.wait_until_finished()
   results = run_eval()
   writer.write(int(state.step), results)
   writer.close()
