@@ -145,6 +145,17 @@ def evaluate(eval_fn: Callable, params, batch_stats, batches, mesh
               loss=float(totals['loss']) / count, count=count)
 
 
+def evaluate_weights(eval_fn: Callable, weights: dict[str, Any], batch_stats,
+                     make_batches: Callable[[], Any], mesh) -> dict[str, float]:
+  """``evaluate`` for each named set of parameters (e.g. ``{'': raw,
+  'ema_': ema}``), as flat ``'<name>eval_<metric>'`` scores."""
+  results = {}
+  for prefix, params in weights.items():
+    scores = evaluate(eval_fn, params, batch_stats, make_batches(), mesh)
+    results.update({f'{prefix}eval_{k}': v for k, v in scores.items()})
+  return results
+
+
 # ---------------------------------------------------------------------------
 # The loop.
 
@@ -176,15 +187,18 @@ def state_shardings(abstract_state: Any, mesh, fsdp: bool) -> Any:
   optimizer state and EMA each live once across the devices; XLA gathers
   them where a layer needs them)."""
   devices = mesh.size
+  replicated = NamedSharding(mesh, PartitionSpec())
 
   def spec(x):
-    axes = sorted(range(x.ndim), key=lambda a: -x.shape[a])
-    for axis in axes:
-      if fsdp and x.shape[axis] % devices == 0 and x.shape[axis] >= devices:
+    for axis in sorted(range(x.ndim), key=lambda a: -x.shape[a]):
+      if x.shape[axis] % devices == 0 and x.shape[axis] >= devices:
         parts = [None] * x.ndim
         parts[axis] = sharding.DATA_AXIS
         return NamedSharding(mesh, PartitionSpec(*parts))
-    return NamedSharding(mesh, PartitionSpec())
+    return replicated
+
+  if not fsdp:
+    return jax.tree_util.tree_map(lambda x: replicated, abstract_state)
 
   return jax.tree_util.tree_map(spec, abstract_state)
 
@@ -279,17 +293,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                global_batch=global_batch), mesh)
 
   def run_eval() -> dict[str, float]:
-    results = {}
     weights = {'': state.params}
     if use_ema:
       weights['ema_'] = state.ema_params
-    for prefix, params in weights.items():
-      scores = evaluate(eval_fn, params, state.batch_stats,
-                        data_input.eval_batches(config, eval_source,
-                                                global_batch=global_batch),
-                        mesh)
-      results.update({f'{prefix}eval_{k}': v for k, v in scores.items()})
-    return results
+    return evaluate_weights(
+        eval_fn, weights, state.batch_stats,
+        lambda: data_input.eval_batches(config, eval_source,
+                                        global_batch=global_batch), mesh)
 
   preemption = _Preemption()
   total = plan.total_steps * accum  # forward passes; the data position
@@ -362,12 +372,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
   source = pipeline.open_split(config.data.dataset, config.data.eval_split,
                                data_input.data_dir(config, workdir or '.'))
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
-  results = {}
-  for prefix, params in weights.items():
-    params, stats = jax.device_put((params, batch_stats), replicated)
-    scores = evaluate(eval_fn, params, stats, data_input.eval_batches(
-        config, source, global_batch=config.global_batch_size), mesh)
-    results.update({f'{prefix}eval_{k}': v for k, v in scores.items()})
+  weights, batch_stats = jax.device_put((weights, batch_stats), replicated)
+  results = evaluate_weights(
+      eval_fn, weights, batch_stats,
+      lambda: data_input.eval_batches(config, source,
+                                      global_batch=config.global_batch_size),
+      mesh)
   print(f'{config.data.dataset}:{config.data.eval_split} of {where}: ' +
         '  '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
   return results

@@ -146,14 +146,12 @@ def test_synthetic_archive_has_the_imagenet_layout(tmp_path):
 
 
 def test_drawn_classes_differ_by_shape_and_side():
-  rng = np.random.default_rng(0)
   # Same seed per class: only the class changes what is drawn.
   images = [np.asarray(synthetic.draw_object_pair(
       label, 64, np.random.default_rng(7)), np.float32) for label in range(10)]
   for a in range(10):
     for b in range(a + 1, 10):
       assert np.abs(images[a] - images[b]).max() > 50
-  del rng
 
 
 def test_labels_survive_the_real_transforms(train):

@@ -78,6 +78,21 @@ def test_tiny_run_trains_logs_and_evaluates(reference_run):
   assert list((reference_run / 'checkpoints').iterdir())
 
 
+def test_eval_reproduces_the_final_evaluation_of_training(reference_run):
+  done = subprocess.run(
+      [sys.executable, str(ROOT / 'eval.py'), '--config=configs/tiny.py',
+       f'--workdir={reference_run}'], capture_output=True, text=True,
+      cwd=ROOT, env=subprocess_env(), timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  final = json.loads((reference_run / 'metrics.jsonl').read_text()
+                     .splitlines()[-1])
+  line = done.stdout.strip().splitlines()[-1]
+  assert '(step 12)' in line
+  for key in ('eval_top1', 'eval_count', 'ema_eval_top1', 'ema_eval_loss'):
+    value = float(line.split(f' {key} ')[1].split()[0])
+    assert value == pytest.approx(final[key], abs=1e-4)
+
+
 def test_sigkill_and_restart_ends_bitwise_equal(reference_run, tmp_path):
   data = f'--config.data.data_dir={reference_run / "data"}'
   process = subprocess.Popen(train_cmd(tmp_path, data), cwd=ROOT,
