@@ -319,11 +319,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       print(metrics.progress_line(done, total, scalars), flush=True)
     if config.eval_steps and done % config.eval_steps == 0 and done != total:
       writer.write(done, run_eval())
-    if preemption.requested or done == total:
+    preempted = preemption.requested  # read once: SIGTERM may land any time
+    if preempted or done == total:
       checkpoint.save_now(manager, done, state)
     else:
       manager.save(done, args=checkpoint.ocp.args.StandardSave(state))
-    if preemption.requested:
+    if preempted:
       print(f'Preempted (SIGTERM): saved step {done}; exiting.', flush=True)
       return {}
   if pending is not None:

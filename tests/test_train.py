@@ -129,7 +129,8 @@ def test_sigterm_saves_the_current_step_and_exits_zero(reference_run,
   assert process.returncode == 0, out[-3000:]
   assert 'Preempted (SIGTERM): saved step' in out
   saved = int(out.split('saved step ')[1].split(';')[0])
-  assert saved >= 3 and (tmp_path / 'checkpoints' / str(saved)).exists()
+  listing = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  assert saved >= 3 and str(saved) in listing, (listing, out[-2000:])
 
 
 def test_unrestorable_checkpoint_is_named_and_left_untouched(reference_run,
