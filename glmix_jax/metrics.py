@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 from clu import metric_writers
@@ -15,10 +15,14 @@ from etils import epath
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard (``clu``) and ``WORKDIR/metrics.jsonl``."""
+  """Writes scalars to TensorBoard (``clu``) and ``WORKDIR/metrics.jsonl``,
+  and hands them to ``on_write(step, scalars)`` if given (e.g. a notebook's
+  live plot)."""
 
-  def __init__(self, workdir: str | epath.Path):
+  def __init__(self, workdir: str | epath.Path,
+               on_write: Callable[[int, dict[str, float]], None] | None = None):
     self._workdir = epath.Path(workdir)
+    self._on_write = on_write
     self._lead = jax.process_index() == 0
     self._tb = metric_writers.create_default_writer(
         str(self._workdir), just_logging=not self._lead, asynchronous=False)
@@ -29,6 +33,8 @@ class MetricWriter:
     if self._lead:
       with (self._workdir / 'metrics.jsonl').open('a') as f:
         f.write(json.dumps({'step': step, **scalars}) + '\n')
+    if self._on_write is not None:
+      self._on_write(step, scalars)
 
   def write_json(self, name: str, content: Any) -> None:
     if self._lead:

@@ -220,10 +220,17 @@ class _Preemption:
     self.requested = True
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *,
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint)
-  and returns the final evaluation metrics."""
+  and returns the final evaluation metrics.
+
+  ``on_metrics(step, scalars)`` receives everything written to the metrics
+  file as it is written: the training scalars every ``log_steps`` and each
+  evaluation.
+  """
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
@@ -268,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = init() if state is None else state
   start = int(state.step)
 
-  writer = metrics.MetricWriter(workdir)
+  writer = metrics.MetricWriter(workdir, on_write=on_metrics)
   if start == 0:
     writer.write_json('config.json', config.to_dict())
     info = summary.summarize(config.model_name, size,
