@@ -86,6 +86,7 @@ def deit_augmentation() -> ml_collections.ConfigDict:
       mix_prob=1.0,
       mix_switch_prob=0.5,  # Mixup or CutMix per batch
       label_smoothing=0.1,  # folded into the mixed targets, as timm does
+      label_smoothing_spread='eps_over_k',  # timm: eps / K to every class
       repeated_augmentation=3,  # DeiT RASampler: 3 augmented copies per image
   ))
 
@@ -194,7 +195,7 @@ def acmix_resnet_recipe(model_name: str) -> ml_collections.ConfigDict:
           # main.py smooth_loss: 1 - eps on the target and eps / (K - 1) on
           # every other class, not timm's eps / K spread.
           label_smoothing=0.1,
-          label_smoothing_off_target='eps_over_k_minus_1',
+          label_smoothing_spread='eps_over_k_minus_1',
           repeated_augmentation=1,
       ),
       total_epochs=90,

@@ -82,7 +82,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   else:
     images = batch['image']
     targets = mix.smooth_targets(batch['label'], num_classes,
-                                 mix_config.label_smoothing)
+                                 mix_config.label_smoothing,
+                                 mix_config.label_smoothing_spread)
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -409,4 +410,5 @@ def _mix_fields(config) -> dict:
   aug = config.augmentation
   return dict(mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
               mix_prob=aug.mix_prob, switch_prob=aug.mix_switch_prob,
-              label_smoothing=aug.label_smoothing)
+              label_smoothing=aug.label_smoothing,
+              label_smoothing_spread=aug.label_smoothing_spread)

@@ -30,6 +30,7 @@ def test_glnet_config_is_the_official_recipe(name):
   assert (aug.mixup_alpha, aug.cutmix_alpha, aug.mix_switch_prob) == (0.8, 1.0,
                                                                       0.5)
   assert (aug.label_smoothing, aug.random_erasing) == (0.1, 0.25)
+  assert aug.label_smoothing_spread == 'eps_over_k'
   assert config.data.image_size == 224 and config.data.eval_crop_pct == 0.875
 
 
@@ -62,6 +63,7 @@ def test_acmix_config_is_the_official_recipe(name):
         'sgd', 0.1, 0.025, 0.9)
     assert (opt.weight_decay, opt.weight_decay_rule) == (1e-4, 'all')
     assert config.augmentation.label_smoothing == 0.1
+    assert config.augmentation.label_smoothing_spread == 'eps_over_k_minus_1'
 
 
 @pytest.mark.parametrize('name', sorted(GLNET_CONFIGS) + [

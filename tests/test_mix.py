@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from glmix_jax.data import mix
@@ -36,6 +37,23 @@ def test_smooth_targets_values_exact():
   np.testing.assert_array_equal(targets, expected)
   np.testing.assert_array_equal(mix.smooth_targets(jnp.array([2]), 4, 0.0),
                                 [[0, 0, 1, 0]])
+
+
+def test_smooth_targets_acmix_resnet_spread():
+  """ACmix ResNet's smooth_loss: 1 - eps on the target, eps / (K - 1) off it;
+  the loss equals its formula (1 - eps) * nll_y + eps / (K - 1) * sum nll_k≠y.
+  """
+  targets = mix.smooth_targets(jnp.array([3]), K, 0.1, 'eps_over_k_minus_1')
+  expected = np.full((1, K), 0.1 / 9, np.float32)
+  expected[0, 3] = 0.9
+  np.testing.assert_allclose(targets, expected, rtol=1e-7)
+  logits = jax.random.normal(jax.random.key(0), (1, K))
+  nll = -jax.nn.log_softmax(logits)[0]
+  official = 0.9 * nll[3] + 0.1 / 9 * (nll.sum() - nll[3])
+  np.testing.assert_allclose(optax.softmax_cross_entropy(logits, targets)[0],
+                             official, rtol=1e-6)
+  with pytest.raises(ValueError, match='eps_over_k_minus_1'):
+    mix.smooth_targets(jnp.array([3]), K, 0.1, 'uniform')
 
 
 def test_no_mixing_when_prob_zero():

@@ -26,15 +26,28 @@ import jax
 import jax.numpy as jnp
 
 
-def smooth_targets(labels: jax.Array, num_classes: int,
-                   label_smoothing: float) -> jax.Array:
-  """timm's smoothed one-hot targets, float32 (B, num_classes).
+LABEL_SMOOTHING_SPREADS = ('eps_over_k', 'eps_over_k_minus_1')
 
-  The true class gets 1 - eps + eps/K and every other class eps/K, so rows
-  sum to 1 (not the "1 - eps / (K - 1)" variant some scripts use).
+
+def smooth_targets(labels: jax.Array, num_classes: int,
+                   label_smoothing: float,
+                   spread: str = 'eps_over_k') -> jax.Array:
+  """Smoothed one-hot targets, float32 (B, num_classes); rows sum to 1.
+
+  ``spread='eps_over_k'`` (timm, DeiT, Swin, GLNet): every class gets eps/K
+  and the true class 1 - eps + eps/K. ``'eps_over_k_minus_1'`` (the ACmix
+  ResNet script's ``smooth_loss``): the true class gets 1 - eps and each of
+  the K - 1 others eps/(K - 1).
   """
-  off_value = label_smoothing / num_classes
-  on_value = 1.0 - label_smoothing + off_value
+  if spread == 'eps_over_k':
+    off_value = label_smoothing / num_classes
+    on_value = 1.0 - label_smoothing + off_value
+  elif spread == 'eps_over_k_minus_1':
+    off_value = label_smoothing / (num_classes - 1)
+    on_value = 1.0 - label_smoothing
+  else:
+    raise ValueError(f'Unknown label smoothing spread {spread!r}; choose from '
+                     f'{LABEL_SMOOTHING_SPREADS}.')
   one_hot = labels[:, None] == jnp.arange(num_classes)
   return jnp.where(one_hot, on_value, off_value).astype(jnp.float32)
 
@@ -67,7 +80,9 @@ def _cutmix_box(key: jax.Array, lam: jax.Array, height: int,
 def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *,
               num_classes: int, mixup_alpha: float, cutmix_alpha: float,
               mix_prob: float, switch_prob: float,
-              label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+              label_smoothing: float,
+              label_smoothing_spread: str = 'eps_over_k'
+              ) -> tuple[jax.Array, jax.Array]:
   """timm batch-mode Mixup/CutMix with label smoothing folded into targets.
 
   The keyword arguments are Python numbers (static under ``jit``): which of
@@ -85,6 +100,7 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *,
     mix_prob: chance that the batch is mixed at all.
     switch_prob: chance of CutMix rather than Mixup when both are enabled.
     label_smoothing: eps of ``smooth_targets``.
+    label_smoothing_spread: ``smooth_targets``' spread of eps.
 
   Returns:
     (mixed images, float32 (B, K) targets with rows summing to 1).
@@ -121,6 +137,7 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *,
   pasted = jnp.where(mask[None, :, :, None], partner, x)
   mixed = jnp.where(cutmix, pasted, blended).astype(images.dtype)
 
-  targets = smooth_targets(labels, num_classes, label_smoothing)
+  targets = smooth_targets(labels, num_classes, label_smoothing,
+                           label_smoothing_spread)
   targets = lam * targets + (1.0 - lam) * targets[::-1]
   return mixed, targets
