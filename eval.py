@@ -3,8 +3,11 @@ r"""Evaluates a model on the whole validation split (every image exactly once).
   python eval.py --config=configs/glnet_stl.py --workdir=DIR      # a training run: raw + EMA
   python eval.py --config=configs/glnet_stl.py --checkpoint=DIR   # from glmix_jax.convert
 
-Other splits or datasets by config, e.g. ``--config.data.dataset=imagenet_v2
---config.data.eval_split=test`` where prepared.
+Other splits or datasets by config, where prepared (``python -m
+glmix_jax.data.prepare --dataset=NAME``): ``--config.data.dataset=imagenet_v2
+--config.data.eval_split=test``, or ``--config.data.dataset=imagenet2012_real``
+(validation split), which also reports ReaL top-1 (``real_top1``, over the
+images that have ReaL labels).
 """
 
 from absl import flags

@@ -119,16 +119,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
 
 def eval_step(params, batch_stats, batch: dict[str, jax.Array], *,
               model) -> dict[str, jax.Array]:
-  """Masked sums over a padded batch: top-1/top-5 hits, loss and count."""
+  """Masked sums over a padded batch: top-1/top-5 hits, loss and count.
+
+  With ImageNet-ReaL labels in the batch, also ``real_top1`` (the top class
+  is one of the image's plausible classes) and ``real_count``: the images
+  that have any ReaL label, the only ones ReaL accuracy counts.
+  """
   logits = model.apply({'params': params, 'batch_stats': batch_stats},
                        batch['image'], train=False).astype(jnp.float32)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return dict(
+  sums = dict(
       top1=jnp.sum(mask * (top5[:, 0] == labels)),
       top5=jnp.sum(mask * jnp.any(top5 == labels[:, None], axis=-1)),
       loss=jnp.sum(mask * loss), count=jnp.sum(mask))
+  if 'real_labels' in batch:
+    real = batch['real_labels']
+    rated = mask * jnp.any(real >= 0, axis=-1)
+    sums.update(
+        real_top1=jnp.sum(rated * jnp.any(real == top5[:, :1], axis=-1)),
+        real_count=jnp.sum(rated))
+  return sums
 
 
 def evaluate(eval_fn: Callable, params, batch_stats, batches, mesh
@@ -141,9 +153,14 @@ def evaluate(eval_fn: Callable, params, batch_stats, batches, mesh
         jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
-  return dict(top1=float(totals['top1']) / count,
-              top5=float(totals['top5']) / count,
-              loss=float(totals['loss']) / count, count=count)
+  scores = dict(top1=float(totals['top1']) / count,
+                top5=float(totals['top5']) / count,
+                loss=float(totals['loss']) / count, count=count)
+  if 'real_count' in totals:
+    real_count = float(totals['real_count'])
+    scores.update(real_top1=float(totals['real_top1']) / max(real_count, 1),
+                  real_count=real_count)
+  return scores
 
 
 def evaluate_weights(eval_fn: Callable, weights: dict[str, Any], batch_stats,

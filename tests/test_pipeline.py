@@ -1,15 +1,18 @@
 """The input pipeline on a real TFDS imagenet2012 built from synthetic tars:
 labels end to end, exact resume, per-process splits, padded evaluation."""
 
+import functools
 import io
 import tarfile
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from glmix_jax import sharding
+from glmix_jax import sharding, train_lib
 from glmix_jax.data import pipeline, synthetic
 
 
@@ -178,3 +181,38 @@ def test_labels_survive_the_real_transforms(train):
       train, lambda b: augment.eval_transform(b, cfg), local_batch=64):
     mask = batch['mask']
     assert read(batch['image'][mask]) == list(batch['label'][mask])
+
+
+class _Predict(nn.Module):
+  """Logits that pick the class written in pixel [0, 0, 0]."""
+  num_classes: int = 6
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del train
+    return jax.nn.one_hot(images[:, 0, 0, 0].astype(jnp.int32),
+                          self.num_classes)
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_real_labels_score_every_rated_image_once(processes):
+  """imagenet2012_real records (``original_label``, variable ``real_label``
+  sets, some empty) give ReaL top-1 over the rated images only."""
+  predictions = [0, 1, 2, 3, 4, 5, 0, 1, 2]
+  real_sets = [[0], [2, 1], [3], [], [4, 5, 0], [], [1], [1], [2]]
+  source = [dict(image=np.full((4, 4, 3), p, np.float32), original_label=p,
+                 real_label=np.asarray(r, np.int64))
+            for p, r in zip(predictions, real_sets)]
+  batches = []
+  for k in range(processes):
+    batches += pipeline.eval_batches(source, lambda x: x, local_batch=4,
+                                     process_index=k, process_count=processes)
+  assert all(b['real_labels'].shape == (4, pipeline.MAX_REAL_LABELS)
+             for b in batches)
+  mesh = jax.make_mesh((4,), (sharding.DATA_AXIS,), devices=jax.devices()[:4])
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=_Predict()))
+  scores = train_lib.evaluate(eval_fn, {}, {}, batches, mesh)
+  # Rated: 7 images; the prediction is among the real labels for 5 of them.
+  assert scores['real_count'] == 7 and scores['count'] == 9
+  assert scores['real_top1'] == pytest.approx(5 / 7)
+  assert scores['top1'] == 1.0

@@ -21,7 +21,9 @@ how many processes share it.
 Evaluation gives process k the contiguous shard k of ``even_split`` of the
 split, pads every process to the same number of batches, and marks padding
 with ``mask = False``: each example counts exactly once, for any batch size
-and process count.
+and process count. Datasets with ImageNet-ReaL labels (``imagenet2012_real``)
+also yield ``'real_labels'``, each example's set of plausible classes padded
+with -1 to ``MAX_REAL_LABELS``.
 
 Decoding and augmentation run in Grain worker threads (Pillow releases the GIL
 for decoding and resizing).
@@ -40,13 +42,18 @@ Batch = dict[str, np.ndarray]
 TrainTransform = Callable[[bytes, np.random.Generator], np.ndarray]
 EvalTransform = Callable[[bytes], np.ndarray]
 
+# ImageNet-ReaL (Beyer et al. 2020) gives an image at most 10 plausible
+# classes; an empty set marks an image the raters could not label.
+MAX_REAL_LABELS = 10
+
 
 class DatasetError(ValueError):
   """A dataset that is missing, unknown or unusable as configured."""
 
 
 def open_split(dataset: str, split: str, data_dir: str | None = None):
-  """Random-access records ``{'image': JPEG bytes, 'label': int}`` of a split.
+  """Random-access records ``{'image': JPEG bytes, 'label': int, ...}`` of a
+  split (``imagenet2012_real`` names its label ``'original_label'``).
 
   Raises:
     DatasetError: naming the dataset and how to prepare it.
@@ -115,14 +122,14 @@ def train_batches(source, transform: TrainTransform, *, seed: int,
   if num_records == 0:
     raise DatasetError('The training split is empty.')
 
-  def example(k: int) -> tuple[np.ndarray, int]:
+  def example(k: int) -> Batch:
     step, j = divmod(k, local)
     position = (start_step + step) * global_batch + process_index * local + j
     record = source[train_record_index(position, seed=seed,
                                        num_records=num_records,
                                        repeats=repeats)]
     image = transform(record['image'], np.random.default_rng([seed, position]))
-    return image, record['label']
+    return {'image': image, 'label': np.asarray(record['label'], np.int64)}
 
   examples = grain.MapDataset.range(2**62).map(example)
   yield from _batched(examples, local, num_threads)
@@ -141,18 +148,40 @@ def eval_batches(source, transform: EvalTransform, *, local_batch: int,
   steps = eval_steps(num_records, local_batch, process_count)
   padding = None
 
-  def example(k: int) -> tuple[np.ndarray, int, bool]:
+  def example(k: int) -> Batch:
     nonlocal padding
     if start + k < stop:
-      record = source[start + k]
-      image = transform(record['image'])
-      return image, record['label'], True
-    if padding is None:  # the shape of a real example, zero-filled
-      padding = np.zeros_like(transform(source[0]['image']))
-    return padding, 0, False
+      return eval_example(source[start + k], transform)
+    if padding is None:  # shaped like a real example, masked out
+      padding = _padding(eval_example(source[0], transform))
+    return padding
 
   examples = grain.MapDataset.range(steps * local_batch).map(example)
   yield from _batched(examples, local_batch, num_threads)
+
+
+def eval_example(record: dict, transform: EvalTransform) -> Batch:
+  """An evaluation example: ``image``, ``label``, ``mask`` (True) and, where
+  the record has ImageNet-ReaL labels, ``real_labels`` padded with -1."""
+  label = record['label'] if 'label' in record else record['original_label']
+  example = {'image': transform(record['image']),
+             'label': np.asarray(label, np.int64), 'mask': np.asarray(True)}
+  if 'real_label' in record:
+    real = np.asarray(record['real_label'], np.int64).reshape(-1)
+    if real.size > MAX_REAL_LABELS:
+      raise DatasetError(f'A record has {real.size} ReaL labels, more than '
+                         f'MAX_REAL_LABELS={MAX_REAL_LABELS}.')
+    example['real_labels'] = np.pad(real, (0, MAX_REAL_LABELS - real.size),
+                                    constant_values=-1)
+  return example
+
+
+def _padding(example: Batch) -> Batch:
+  """A masked-out example with the shapes of ``example``."""
+  padding = {name: np.zeros_like(value) for name, value in example.items()}
+  if 'real_labels' in padding:
+    padding['real_labels'] -= 1
+  return padding
 
 
 def even_split(num_records: int, parts: int) -> list[tuple[int, int]]:
@@ -169,9 +198,8 @@ def eval_steps(num_records: int, local_batch: int, process_count: int) -> int:
 
 def _batched(examples: grain.MapDataset, batch: int,
              num_threads: int) -> Iterator[Batch]:
-  names = ('image', 'label', 'mask')
   batches = examples.batch(batch, drop_remainder=True).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads,
                         prefetch_buffer_size=2 * batch))
   for columns in batches:
-    yield {name: np.asarray(col) for name, col in zip(names, columns)}
+    yield {name: np.asarray(column) for name, column in columns.items()}
