@@ -20,15 +20,7 @@ def get_config():
   config = common.glnet_recipe(
       'glnet_stl', drop_path_rate=0.0, dims=(32, 64, 96, 128),
       depths=(1, 1, 2, 1))
-  config.model.dtype = 'float32'
-  config.data.update(
-      synthetic=dict(classes=10, images_per_class=260, image_size=80),
-      num_classes=10, image_size=48, train_split='train[:90%]',
-      eval_split='train[90%:]', num_threads=4)
-  config.augmentation.update(
-      random_resized_crop_scale=(0.7, 1.0), randaugment='', random_erasing=0.0,
-      mixup_alpha=0.0, cutmix_alpha=0.0, repeated_augmentation=1)
-  config.update(total_epochs=35, warmup_epochs=2, global_batch_size=64,
-                ema_decay=0.0, log_steps=50, checkpoint_steps=200)
+  config = common.synthetic_demo(config, image_size=48)
+  config.update(total_epochs=35, warmup_epochs=2)
   config.optimizer.update(lr=2e-3, lr_batch_size=64)
   return config

@@ -103,7 +103,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
     ema = jax.tree_util.tree_map(
         lambda e, p: jnp.where(updated, ema_decay * e + (1 - ema_decay) * p, e),
         ema, params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                    opt_state=opt_state, ema_params=ema,
@@ -113,7 +113,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, kept)
   return new, dict(
       loss=loss, grad_norm=grad_norm, lr=schedule(state.step // accum_steps),
-      param_norm=optax.global_norm(params), finite=finite,
+      param_norm=optax.tree.norm(params), finite=finite,
       accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)))
 
 
@@ -183,20 +183,51 @@ class NonFiniteError(RuntimeError):
 
 
 class _Plan(NamedTuple):
+  """A run's arithmetic: optimizer steps and the batch of one forward pass."""
   total_steps: int
   warmup_steps: int
   steps_per_epoch: int
+  accum_steps: int  # forward passes per optimizer step
+  pass_batch: int  # global images per forward pass
+
+  @property
+  def total_passes(self) -> int:
+    """Forward passes of the run, which is also the final data position."""
+    return self.total_steps * self.accum_steps
 
 
-def _plan(config, num_records: int, global_batch: int) -> _Plan:
-  """Optimizer steps: total, warm-up, per epoch."""
-  steps_per_epoch = max(num_records // global_batch, 1)
+def _plan(config, num_records: int) -> _Plan:
+  """Checks the batch arithmetic against the devices and plans the run."""
+  accum, batch = config.grad_accum_steps, config.global_batch_size
+  if batch % accum:
+    raise ValueError(f'global_batch_size={batch} is not divisible by '
+                     f'grad_accum_steps={accum}.')
+  pipeline.check_batch_size(batch // accum, jax.process_count(),
+                            jax.local_device_count())
+  steps_per_epoch = max(num_records // batch, 1)
   if config.get('total_steps'):
     total = config.total_steps
   else:
-    total = optim.steps_for(config.total_epochs, num_records, global_batch)
+    total = optim.steps_for(config.total_epochs, num_records, batch)
   return _Plan(total_steps=total, steps_per_epoch=steps_per_epoch,
-               warmup_steps=round(config.warmup_epochs * steps_per_epoch))
+               warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+               accum_steps=accum, pass_batch=batch // accum)
+
+
+def recipe_optimizer(config, plan: _Plan, abstract_params
+                     ) -> tuple[optim.Schedule, optax.GradientTransformation]:
+  """The config's learning-rate schedule and optimizer (with gradient
+  accumulation when ``plan.accum_steps`` > 1)."""
+  opt = config.optimizer
+  # The recipe's linear scaling rule, on the batch of one optimizer step.
+  peak = opt.lr * config.global_batch_size / opt.lr_batch_size
+  schedule = optim.make_schedule(opt, peak, total_steps=plan.total_steps,
+                                 warmup_steps=plan.warmup_steps,
+                                 steps_per_epoch=plan.steps_per_epoch)
+  tx = optim.make_optimizer(opt, schedule, abstract_params)
+  if plan.accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=plan.accum_steps)
+  return schedule, tx
 
 
 def state_shardings(abstract_state: Any, mesh, fsdp: bool) -> Any:
@@ -238,6 +269,35 @@ class _Preemption:
     self.requested = True
 
 
+def _restore_or_init(config, model, tx, image_shape, mesh, workdir):
+  """The latest checkpoint's state in ``workdir``, or a fresh one; with the
+  checkpoint manager and the state's shardings."""
+  make_state = functools.partial(init_state, model, tx, image_shape,
+                                 config.seed, bool(config.ema_decay))
+  shardings = state_shardings(jax.eval_shape(make_state), mesh, config.fsdp)
+  init = jax.jit(make_state, out_shardings=shardings)
+  manager = checkpoint.train_manager(
+      workdir, save_every=config.checkpoint_steps, keep=config.keep_checkpoints,
+      keep_every=config.get('keep_checkpoint_every') or None)
+  state = checkpoint.restore_latest(manager, jax.eval_shape(init))
+  return (init() if state is None else state), manager, shardings
+
+
+def _announce(config, plan: _Plan) -> None:
+  """The start line: model size and cost, devices, and the run's length."""
+  size = config.data.image_size
+  info = summary.summarize(config.model_name, size,
+                           num_classes=config.data.num_classes,
+                           **config.model.to_dict())
+  accum = (f' ({plan.accum_steps} x {plan.pass_batch})'
+           if plan.accum_steps > 1 else '')
+  print(f'{config.model_name}: {info["params"]:,} parameters, '
+        f'{info["macs"]["total"] / 1e9:.3f} GMACs at {size}x{size}; '
+        f'{jax.process_count()} process(es), {jax.device_count()} devices; '
+        f'{plan.total_steps} steps of {config.global_batch_size} images'
+        f'{accum}.', flush=True)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *,
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
@@ -252,83 +312,57 @@ def train_and_evaluate(
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
-  accum = config.grad_accum_steps
-  if config.global_batch_size % accum:
-    raise ValueError(f'global_batch_size={config.global_batch_size} is not '
-                     f'divisible by grad_accum_steps={accum}.')
-  global_batch = config.global_batch_size // accum  # per forward pass
-  pipeline.check_batch_size(global_batch, jax.process_count(),
-                            jax.local_device_count())
   model = build_model(config)
+  if getattr(model, 'token_label_head', False):
+    raise ValueError(
+        f'{config.model_name} is a token-labeling model: its training needs '
+        'the dense NFNet label maps of the official main_tklb.py, which '
+        'glmix_jax does not read. Train the plain variant (e.g. glnet_4g), or '
+        'evaluate converted _tklb weights with eval.py --checkpoint.')
   data_dir = data_input.data_dir(config, str(workdir))
   train_source = pipeline.open_split(config.data.dataset,
                                      config.data.train_split, data_dir)
   eval_source = pipeline.open_split(config.data.dataset,
                                     config.data.eval_split, data_dir)
-  plan = _plan(config, len(train_source), config.global_batch_size)
-  opt = config.optimizer
-  # The recipe's linear scaling rule, on the batch of one optimizer step.
-  peak = opt.lr * config.global_batch_size / opt.lr_batch_size
-  schedule = optim.make_schedule(opt, peak, total_steps=plan.total_steps,
-                                 warmup_steps=plan.warmup_steps,
-                                 steps_per_epoch=plan.steps_per_epoch)
+  plan = _plan(config, len(train_source))
   size = config.data.image_size
   image_shape = (1, size, size, 3)
   abstract_params = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape)))
-  tx = optim.make_optimizer(opt, schedule, abstract_params['params'])
-  if accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum)
-
-  replicated = NamedSharding(mesh, PartitionSpec())
-  use_ema = bool(config.ema_decay)
-  make_state = functools.partial(init_state, model, tx, image_shape,
-                                 config.seed, use_ema)
-  shardings = state_shardings(jax.eval_shape(make_state), mesh, config.fsdp)
-  init = jax.jit(make_state, out_shardings=shardings)
-  manager = checkpoint.train_manager(
-      workdir, save_every=config.checkpoint_steps, keep=config.keep_checkpoints,
-      keep_every=config.get('keep_checkpoint_every') or None)
-  state = checkpoint.restore_latest(manager, jax.eval_shape(init))
-  state = init() if state is None else state
+  schedule, tx = recipe_optimizer(config, plan, abstract_params['params'])
+  state, manager, shardings = _restore_or_init(config, model, tx, image_shape,
+                                               mesh, workdir)
   start = int(state.step)
-
   writer = metrics.MetricWriter(workdir, on_write=on_metrics)
   if start == 0:
     writer.write_json('config.json', config.to_dict())
-    info = summary.summarize(config.model_name, size,
-                             num_classes=config.data.num_classes,
-                             **config.model.to_dict())
-    print(f'{config.model_name}: {info["params"]:,} parameters, '
-          f'{info["macs"]["total"] / 1e9:.3f} GMACs at {size}x{size}; '
-          f'{jax.process_count()} process(es), {jax.device_count()} devices; '
-          f'{plan.total_steps} steps of {config.global_batch_size} images'
-          + (f' ({accum} x {global_batch})' if accum > 1 else '') + '.')
+    _announce(config, plan)
 
-  mix_config = ml_collections.FrozenConfigDict(_mix_fields(config))
   step_fn = jax.jit(functools.partial(
-      train_step, model=model, tx=tx, schedule=schedule, mix_config=mix_config,
+      train_step, model=model, tx=tx, schedule=schedule,
+      mix_config=ml_collections.FrozenConfigDict(_mix_fields(config)),
       num_classes=config.data.num_classes, seed=config.seed,
-      ema_decay=config.ema_decay, accum_steps=accum),
+      ema_decay=config.ema_decay, accum_steps=plan.accum_steps),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, replicated), donate_argnums=(0,))
+      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+      donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
   batches = sharding.device_batches(
       data_input.train_batches(config, train_source, start_step=start,
-                               global_batch=global_batch), mesh)
+                               global_batch=plan.pass_batch), mesh)
 
   def run_eval() -> dict[str, float]:
     weights = {'': state.params}
-    if use_ema:
+    if state.ema_params is not None:
       weights['ema_'] = state.ema_params
     return evaluate_weights(
         eval_fn, weights, state.batch_stats,
         lambda: data_input.eval_batches(config, eval_source,
-                                        global_batch=global_batch), mesh)
+                                        global_batch=plan.pass_batch), mesh)
 
   preemption = _Preemption()
-  total = plan.total_steps * accum  # forward passes; the data position
-  progress = metrics.Progress(total, global_batch, start)
+  total = plan.total_passes
+  progress = metrics.Progress(total, plan.pass_batch, start)
   pending = None  # the previous step's metrics, checked one step late
   for step in range(start, total):
     state, step_metrics = step_fn(state, next(batches))

@@ -182,6 +182,7 @@ def test_two_processes_give_the_losses_of_one(reference_run, tmp_path):
     ('glnet_stl', f'--config.data.data_dir={ROOT}/nonexistent',
      'imagenet2012 is not prepared'),
     ('tiny', '--config.no_such_field=1', 'no_such_field'),
+    ('tiny', '--config.model_name=glnet_4g_tklb', 'is a token-labeling model'),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, config, flag, message):
   done = run_train(tmp_path / 'run', flag, config=f'configs/{config}.py')
