@@ -127,9 +127,9 @@ def slot_figure(pixels: np.ndarray, slots: dict[str, inference.SlotWeights],
               loc='upper left', bbox_to_anchor=(1.0, 1.0), frameon=False)
 
     axes = heat_fig.subplots(2, columns, squeeze=False).ravel()
-    heat_fig.suptitle(f'clustering weights (softmax over pixels) of the '
-                      f'{min(heat_maps, num_slots)} most-used slots, each '
-                      'scaled to its maximum', fontsize=9)
+    heat_fig.suptitle(f'where the {min(heat_maps, num_slots)} most-used '
+                      'slots gather from\n(clustering weights: softmax over '
+                      'pixels)', fontsize=9)
     for ax, s in zip(axes, ranked[:heat_maps]):
       weights = clustering[s] / clustering[s].max()
       image = _show_on_grid(ax, gray, weights, cmap=HEAT_COLORMAP, alpha=0.75,
@@ -141,7 +141,7 @@ def slot_figure(pixels: np.ndarray, slots: dict[str, inference.SlotWeights],
     for ax in axes[heat_maps:]:
       ax.set_visible(False)
     heat_fig.colorbar(image, ax=axes.tolist(), shrink=0.8,
-                      label='weight / max')
+                      label="weight / slot's max")
   return fig
 
 
@@ -164,6 +164,28 @@ def rates_figure(rates: dict[str, tuple[float, float]], *,
   ax.set_xlabel('learned weight (both start at 0.5)')
   ax.legend(loc='lower right', fontsize=8)
   ax.set_title(title or 'ACmix: output = rate1 * attention + rate2 * conv')
+  return fig
+
+
+def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
+  """Training curves from ``{metric: [(step, value), ...]}`` as collected
+  from ``train_lib.train_and_evaluate(..., on_metrics=...)``: the loss, and
+  the training batch accuracy with the evaluations' top-1."""
+  fig = Figure(figsize=(10, 3.2), layout='constrained')
+  loss_ax, accuracy_ax = fig.subplots(1, 2)
+  for ax, metrics, ylabel in (
+      (loss_ax, ('loss', 'eval_loss'), 'cross-entropy'),
+      (accuracy_ax, ('accuracy', 'eval_top1', 'ema_eval_top1'), 'accuracy')):
+    for metric in metrics:
+      if history.get(metric):
+        steps, values = zip(*history[metric])
+        ax.plot(steps, values, 'o-' if 'eval' in metric else '-',
+                label=metric)
+    ax.set_xlabel('step')
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=8)
   return fig
 
 
@@ -227,7 +249,7 @@ def main(argv):
                   heat_maps=f.slots, weights=f.weights)
   out = epath.Path(f.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_bytes(png_bytes(fig))
+  out.write_bytes(png_bytes(fig, dpi=f.dpi))
   if top:
     print('top classes: ' + '  '.join(f'{c} {p:.1%}' for c, p in top))
   print(f'wrote {out}')
@@ -250,6 +272,7 @@ if __name__ == '__main__':
                       "'2.0', comma-separated, or 'all' (default: the last "
                       'of each stage).')
   flags.DEFINE_integer('slots', 16, 'Heat maps per block (most-used slots).')
+  flags.DEFINE_integer('dpi', 100, 'Resolution of the PNG.')
   flags.DEFINE_enum('weights', 'ema', ['ema', 'raw'], 'For a train.py '
                     'workdir: its EMA weights (when kept) or the raw ones.')
   cli.run(main, errors=launch.USER_ERRORS)
