@@ -125,9 +125,11 @@ def load_image(path: str | epath.Path, config: ml_collections.ConfigDict
   try:
     image = augment.eval_transform(path.read_bytes(),
                                    data_input.transform_config(config))
-  except (OSError, Image.DecompressionBombError) as e:  # Pillow's decode errors
-    raise ValueError(f'{path} is not an image file that can be read (JPEG, '
-                     f'PNG, ... expected): {e}') from e
+  except Image.UnidentifiedImageError as e:
+    raise ValueError(f'{path} is not an image file (JPEG, PNG, ... '
+                     'expected).') from e
+  except (OSError, Image.DecompressionBombError) as e:  # e.g. truncated
+    raise ValueError(f'{path} could not be decoded as an image: {e}') from e
   data = config.data
   # The exact inverse of augment.normalize, up to float rounding.
   pixels = (image * np.asarray(data.std) + np.asarray(data.mean)) * 255.0
