@@ -112,6 +112,23 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:
         'earlier one.') from e
 
 
+def latest_train_state(workdir: str | epath.Path) -> tuple[int, dict[str, Any]]:
+  """The step and train state (a plain dict: ``params``, ``batch_stats``,
+  ``ema_params`` (None without EMA), ...) of the latest checkpoint in a
+  ``train.py`` workdir, restored as saved, for evaluation or inspection.
+
+  Raises:
+    FileNotFoundError: when the workdir holds no training checkpoint.
+  """
+  manager = train_manager(workdir, save_every=1, keep=1, keep_every=None)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'No training checkpoint in {workdir}/'
+                            'checkpoints; train first, or pass '
+                            '--checkpoint=DIR.')
+  return step, manager.restore(step, args=ocp.args.StandardRestore())
+
+
 def abstract(tree: Any) -> Any:
   """``jax.ShapeDtypeStruct``s (with shardings) of a tree of arrays."""
   return jax.tree_util.tree_map(

@@ -414,14 +414,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
     where = model_checkpoint
   else:
     model = build_model(config)
-    manager = checkpoint.train_manager(workdir, save_every=1, keep=1,
-                                       keep_every=None)
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'No training checkpoint in {workdir}/'
-                              'checkpoints; train first, or pass '
-                              '--checkpoint=DIR.')
-    state = manager.restore(step, args=checkpoint.ocp.args.StandardRestore())
+    step, state = checkpoint.latest_train_state(workdir)
     weights = {'': state['params']}
     if state.get('ema_params') is not None:
       weights['ema_'] = state['ema_params']

@@ -6,6 +6,8 @@ sets them at import time, before any test module imports JAX.
 
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -50,3 +52,34 @@ def label_dataset(tmp_path_factory):
   prepare.prepare('imagenet2012', data_dir=str(root / 'tfds'),
                   manual_dir=str(root / 'manual'))
   return str(root / 'tfds')
+
+
+def subprocess_env(**extra):
+  """The environment of a command run as a user would, with the tests' JAX
+  settings (8 CPU devices, the shared compilation cache)."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+             JAX_NUM_CPU_DEVICES='8')
+  env.update(extra)
+  return env
+
+
+def train_cmd(workdir, *flags, config='configs/tiny.py'):
+  return [sys.executable, str(ROOT / 'train.py'), f'--config={config}',
+          f'--workdir={workdir}', *flags]
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """A workdir of ``python train.py --config=configs/tiny.py``, run once per
+  session: the training tests compare against it, the visualisation and
+  notebook tests read its checkpoint (none may write into it)."""
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  done = subprocess.run(train_cmd(workdir), capture_output=True, text=True,
+                        cwd=ROOT, env=subprocess_env(), timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'Final evaluation' in done.stdout
+  return workdir

@@ -3,7 +3,6 @@ SIGTERM preemption, the NaN guard, two processes = one, bad configs."""
 
 import functools
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,24 +17,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conftest import CACHE_DIR, ROOT
+from conftest import ROOT, subprocess_env, train_cmd
 from configs import tiny
 from glmix_jax import checkpoint, optim, sharding, train_lib
-
-
-def subprocess_env(**extra):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-             JAX_NUM_CPU_DEVICES='8')
-  env.update(extra)
-  return env
-
-
-def train_cmd(workdir, *flags, config='configs/tiny.py'):
-  return [sys.executable, str(ROOT / 'train.py'), f'--config={config}',
-          f'--workdir={workdir}', *flags]
 
 
 def run_train(workdir, *flags, config='configs/tiny.py', **env):
@@ -58,14 +42,10 @@ def losses(workdir):
   return [(r['step'], r['loss']) for r in map(json.loads, lines) if 'loss' in r]
 
 
-@pytest.fixture(scope='module', name='reference_run')
-def _reference_run(tmp_path_factory):
+@pytest.fixture(name='reference_run')
+def _reference_run(tiny_run):
   """An uninterrupted tiny run, and the dataset the other runs share."""
-  workdir = tmp_path_factory.mktemp('reference')
-  done = run_train(workdir)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert 'Final evaluation' in done.stdout
-  return workdir
+  return tiny_run
 
 
 def test_tiny_run_trains_logs_and_evaluates(reference_run):

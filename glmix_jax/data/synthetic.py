@@ -2,12 +2,13 @@ r"""A synthetic mini-ImageNet in the real ImageNet archive format.
 
   python -m glmix_jax.data.synthetic --out=DIR [--classes=10] \
       [--images_per_class=260] [--image_size=96]
+  python -m glmix_jax.data.synthetic --sample=FILE.png --label=5  # one picture
 
-writes ``DIR/ILSVRC2012_img_train.tar``: one ``<wnid>.tar`` per class holding
-``<wnid>_<n>.JPEG`` files, exactly as ImageNet ships it, so the real TFDS
-``imagenet2012`` builder prepares it offline (``glmix_jax.data.prepare``). The
-classes are the first ``classes`` WordNet ids of the builder's ``labels.txt``,
-so their TFDS labels are 0 .. classes - 1.
+The first writes ``DIR/ILSVRC2012_img_train.tar``: one ``<wnid>.tar`` per class
+holding ``<wnid>_<n>.JPEG`` files, exactly as ImageNet ships it, so the real
+TFDS ``imagenet2012`` builder prepares it offline (``glmix_jax.data.prepare``).
+The classes are the first ``classes`` WordNet ids of the builder's
+``labels.txt``, so their TFDS labels are 0 .. classes - 1.
 
 Each picture holds two objects on a textured background: a red disc (the
 anchor) and a target shape of another colour. The class is the target's shape
@@ -71,10 +72,21 @@ def _target_colour(rng: np.random.Generator,
       return tuple(int(v) for v in c)
 
 
+def _shape_and_relation(label: int) -> tuple[str, bool]:
+  """The target shape of class ``label`` and whether it lies below the disc."""
+  return SHAPES[label // 2], bool(label % 2)
+
+
+def class_name(label: int) -> str:
+  """What a drawn picture of class ``label`` shows: 'ring below the disc'."""
+  shape, below = _shape_and_relation(label)
+  return f'{shape} {"below" if below else "above"} the disc'
+
+
 def draw_object_pair(label: int, size: int,
                      rng: np.random.Generator) -> Image.Image:
   """A textured picture of class ``label`` in [0, 10): shape and relation."""
-  shape, target_below = SHAPES[label // 2], bool(label % 2)
+  shape, target_below = _shape_and_relation(label)
   # Background: a random linear gradient plus mild noise.
   yy, xx = np.mgrid[0:size, 0:size] / size
   a, b = rng.uniform(-1, 1, 2)
@@ -181,10 +193,33 @@ def write_dataset(out: str | epath.Path, *, classes: int = 10,
   return out
 
 
+def write_sample(path: str | epath.Path, *, label: int, image_size: int = 96,
+                 seed: int = 0) -> epath.Path:
+  """One drawn picture of class ``label`` as a PNG file, to show a model."""
+  if not 0 <= label < MAX_DRAWN_CLASSES:
+    raise ValueError(f'label={label}: the drawn classes are 0 to '
+                     f'{MAX_DRAWN_CLASSES - 1}.')
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    draw_object_pair(label, image_size, np.random.default_rng(seed)).save(
+        f, format='PNG')
+  return path
+
+
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  if f.sample:
+    path = write_sample(f.sample, label=f.label, image_size=f.image_size,
+                        seed=f.seed)
+    print(f'Wrote a picture of class {f.label} ({class_name(f.label)}) to '
+          f'{path}')
+    return
+  if not f.out:
+    raise ValueError('Give --out=DIR (the dataset) or --sample=FILE (one '
+                     'picture).')
   out = write_dataset(f.out, classes=f.classes,
                       images_per_class=f.images_per_class,
                       image_size=f.image_size, val_images=f.val_images,
@@ -196,8 +231,10 @@ def main(argv):
 if __name__ == '__main__':
   from absl import flags  # pylint: disable=g-import-not-at-top
   from glmix_jax import cli  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('out', None, 'Output directory (the TFDS manual_dir).',
-                      required=True)
+  flags.DEFINE_string('out', None, 'Output directory (the TFDS manual_dir).')
+  flags.DEFINE_string('sample', None, 'Instead: a PNG file for one picture '
+                      'of class --label.')
+  flags.DEFINE_integer('label', 0, 'The class of the --sample picture.')
   flags.DEFINE_integer('classes', 10, 'Number of classes.')
   flags.DEFINE_integer('images_per_class', 260, 'Training images per class.')
   flags.DEFINE_integer('image_size', 96, 'Side of the square images.')

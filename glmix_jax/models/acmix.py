@@ -30,8 +30,10 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -357,6 +359,19 @@ def _mix(module: nn.Module, att: jax.Array, conv: jax.Array) -> jax.Array:
                                module.param_dtype).astype(att.dtype)
                   for name in ('rate1', 'rate2'))
   return rate1 * att + rate2 * conv
+
+
+def path_rates(params: Any) -> dict[str, tuple[float, float]]:
+  """(rate1, rate2) of every ACmix layer in a params tree, by module path
+  (``'layer3_0/conv2'``) in network order (numbered names sort as numbers):
+  rate1 weighs the attention path, rate2 the convolution path (Eq. 13)."""
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  layers_ = [path[:-len('/rate1')] for path in flat if path.endswith('/rate1')]
+  natural = lambda path: [int(t) if t.isdigit() else t
+                          for t in re.split(r'(\d+)', path)]
+  return {path: (float(np.ravel(flat[f'{path}/rate1'])[0]),
+                 float(np.ravel(flat[f'{path}/rate2'])[0]))
+          for path in sorted(layers_, key=natural)}
 
 
 # ---------------------------------------------------------------------------
