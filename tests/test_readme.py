@@ -42,6 +42,8 @@ README_COMMANDS = {
     'python -m glmix_jax.data.synthetic --sample=/tmp/glmix_sample.png '
     '--label=5 --image_size=80':
         ('test', 'tests/test_readme.py::test_sample_command'),
+    'python train.py --config=configs/acmix_demo.py '
+    '--workdir=/tmp/acmix_demo': ('flags', ''),
     'python -m glmix_jax.visualize --config=configs/demo.py '
     '--checkpoint=/tmp/glmix_demo --image=/tmp/glmix_sample.png '
     '--out=slots.png':
@@ -70,6 +72,11 @@ README_COMMANDS = {
         ('flags', ''),
     'python train.py --config=configs/tiny.py --workdir=/tmp/tiny':
         ('test', 'tests/conftest.py::tiny_run'),
+    'python eval.py --config=configs/glnet_stl.py --checkpoint=/tmp/glnet_stl '
+    '--config.data.dataset=imagenet_v2 --config.data.eval_split=test':
+        ('flags', ''),
+    'python eval.py --config=configs/glnet_stl.py --checkpoint=/tmp/glnet_stl '
+    '--config.data.dataset=imagenet2012_real': ('flags', ''),
     # TPU pod.
     'gcloud compute tpus tpu-vm create glmix-v4 --zone=us-central2-b '
     '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base':
