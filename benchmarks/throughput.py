@@ -148,10 +148,12 @@ def benchmark_jax(name: str, mode: str, *, batch: int, size: int,
   else:
     del variables
     compiled, compile_s, call = _train(model, images)
-  result = dict(time_calls(call, repeats), compile_s=compile_s,
-                **_peak_bytes(compiled), device_peak_bytes=_device_peak_bytes())
-  result['images_per_s'] = batch / result['median_s']
-  result['flops'] = 2 * macs['total'] * batch * (3 if mode == 'train' else 1)
+  result = dict(compile_s=compile_s, **_peak_bytes(compiled),
+                flops=2 * macs['total'] * batch * (3 if mode == 'train' else 1))
+  if repeats:  # else compile only
+    result.update(time_calls(call, repeats))
+    result['images_per_s'] = batch / result['median_s']
+  result['device_peak_bytes'] = _device_peak_bytes()
   return result
 
 
@@ -188,11 +190,15 @@ def _mib(n: int | None) -> str:
 
 def format_row(name: str, mode: str, r: dict, peak_flops: float) -> str:
   ours = r['jax']
-  mfu = ours['flops'] / ours['median_s'] / peak_flops
   memory = ours['device_peak_bytes'] or ours['compiled_peak_bytes']
-  row = (f'| {name} | {mode} | {ours["images_per_s"]:.2f} | '
-         f'{ours["median_s"]:.3f} ({ours["min_s"]:.3f}-{ours["max_s"]:.3f}) | '
-         f'{ours["compile_s"]:.1f} | {_mib(memory)} | {100 * mfu:.1f}% |')
+  timing = '| - | - |'
+  if 'median_s' in ours:
+    timing = (f'| {ours["images_per_s"]:.2f} | {ours["median_s"]:.3f} '
+              f'({ours["min_s"]:.3f}-{ours["max_s"]:.3f}) |')
+  mfu = ('-' if 'median_s' not in ours else
+         f'{100 * ours["flops"] / ours["median_s"] / peak_flops:.1f}%')
+  row = (f'| {name} | {mode} {timing} {ours["compile_s"]:.1f} | '
+         f'{_mib(memory)} | {mfu} |')
   if 'torch' in r:
     ref = r['torch']
     row += (f' {ref["images_per_s"]:.2f} | '
@@ -207,7 +213,8 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--repeats', type=int, default=5,
+                      help='timed calls; 0: compile only')
   parser.add_argument('--override', action='append', default=[],
                       help='model field=value, e.g. remat=full (repeatable)')
   parser.add_argument('--matmul_size', type=int, default=2048)

@@ -134,16 +134,21 @@ class DropPath(nn.Module):
 
   A sample's whole residual branch is dropped with probability ``rate``; the
   survivors are scaled by 1 / (1 - rate). Uses the ``'dropout'`` rng stream.
+  ``rate`` may be a traced scalar: blocks compiled once by ``nn.scan`` take
+  their depth-dependent rates as a scanned input.
   """
-  rate: float
+  rate: float | jax.Array
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    if self.rate == 0.0 or deterministic:
+    if deterministic or (isinstance(self.rate, (int, float))
+                         and self.rate == 0.0):
       return x
-    broadcast = tuple(range(1, x.ndim))  # one keep/drop decision per sample
-    return nn.Dropout(self.rate, broadcast_dims=broadcast)(
-        x, deterministic=False)
+    keep = 1.0 - self.rate
+    # one keep/drop decision per sample
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class LayerScale(nn.Module):
