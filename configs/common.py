@@ -124,8 +124,17 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
   return ml_collections.ConfigDict(dict(
       **loop(),
       model_name=model_name,
-      model=dict(drop_path_rate=drop_path_rate, dtype='bfloat16',
-                 **model_overrides),  # bf16 compute replaces fp16 AMP
+      model=dict(
+          drop_path_rate=drop_path_rate,
+          dtype='bfloat16',  # bf16 compute replaces fp16 AMP
+          # Memory / speed trades that leave the function unchanged: recompute
+          # block activations in the backward pass ('none', 'full',
+          # 'dots_saveable', 'dots_with_no_batch_dims_saveable'), and compile
+          # a stage's repeated blocks once (nn.scan; compile time flat in
+          # depth). See glnet.REMAT_POLICIES and BENCHMARKS.md.
+          remat='none',
+          scan_blocks=False,
+          **model_overrides),
       data=imagenet_data(),
       augmentation=deit_augmentation(),
       total_epochs=300,

@@ -32,6 +32,14 @@ def test_glnet_config_is_the_official_recipe(name):
   assert (aug.label_smoothing, aug.random_erasing) == (0.1, 0.25)
   assert aug.label_smoothing_spread == 'eps_over_k'
   assert config.data.image_size == 224 and config.data.eval_crop_pct == 0.875
+  assert (model.remat, model.scan_blocks) == ('none', False)
+
+
+def test_memory_options_reach_the_model_from_the_command_line():
+  config = importlib.import_module('configs.glnet_16g').get_config()
+  config.model.update(remat='full', scan_blocks=True)  # --config.model.remat=
+  model = models.build(config.model_name, **config.model)
+  assert (model.remat, model.scan_blocks) == ('full', True)
 
 
 # ACmix recipes (spec acmix.md §7): drop path per README, and the schedule /

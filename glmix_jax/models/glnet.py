@@ -48,6 +48,17 @@ MIXERS = ('glmix', 'mhsa', 'mhsa_conv', 'hybrid')
 STEMS = ('patchify', 'overlapping')
 SLOT_INITS = ('pool', 'learned')
 
+# Activation rematerialisation (``GLNet.remat``): what each block keeps from
+# its forward pass for the backward pass; the rest is recomputed there. Trades
+# compute for activation memory; outputs and gradients do not change.
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation: keep every residual (the default)
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep block inputs only
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,  # + matmul outputs
+    'dots_with_no_batch_dims_saveable':
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 # ---------------------------------------------------------------------------
 # The slot operations, as pure functions.
@@ -127,7 +138,7 @@ class GLMixBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     b, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -185,7 +196,7 @@ class MHSABlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, t: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, t: jax.Array, train: bool) -> jax.Array:
     c = t.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = layers.DropPath(self.drop_path)
@@ -214,7 +225,7 @@ class MHSAConvBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     b, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.cpe_kernel_size:
@@ -277,6 +288,9 @@ class GLNet(nn.Module):
   in_channels: int = 3
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # Speed / memory options; none changes outputs or the parameter tree.
+  remat: str = 'none'  # a REMAT_POLICIES name, applied to every block
+  scan_blocks: bool = False  # compile each stage's repeated blocks once
 
   def __post_init__(self):
     self._check_fields()
@@ -292,6 +306,9 @@ class GLNet(nn.Module):
         raise ValueError(f'Unknown mixer {mixer!r}; choose from {MIXERS}.')
     if self.stem not in STEMS:
       raise ValueError(f'Unknown stem {self.stem!r}; choose from {STEMS}.')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'Unknown remat policy {self.remat!r}; choose from '
+                       f'{tuple(REMAT_POLICIES)}.')
     if self.slot_init not in SLOT_INITS:
       raise ValueError(f'Unknown slot_init {self.slot_init!r}; choose from '
                        f'{SLOT_INITS}.')
@@ -369,8 +386,11 @@ class GLNet(nn.Module):
 
   def _stage(self, i: int, x: jax.Array, drop_rates: np.ndarray,
              train: bool) -> jax.Array:
-    return GLNetStage(
-        mixer=self.mixers[i], depth=self.depths[i],
+    kinds = block_kinds(self.mixers[i], self.depths[i])
+    period = scan_period(kinds) if self.scan_blocks else 0
+    stage = GLNetStage if not period else scanned_stage(period)
+    return stage(
+        kinds=kinds, scan_period=period,
         drop_rates=tuple(float(r) for r in drop_rates),
         block_args=dict(head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
                         dtype=self.dtype, param_dtype=self.param_dtype),
@@ -379,7 +399,7 @@ class GLNet(nn.Module):
         conv_args=dict(cpe_kernel_size=self.cpe_kernel_size,
                        mlp_dw=self.mlp_dw,
                        layer_scale_init=self.layer_scale_init),
-        name=f'stages_{i}')(x, train=train)
+        remat=self.remat, name=f'stages_{i}')(x, train=train)
 
   def _mix_token(self, x: jax.Array):
     """MixToken (token labeling, Jiang et al. 2021) on the 1/4 stem map.
@@ -422,34 +442,147 @@ def _box_mask(box: MixTokenBox, h: int, w: int, scale: int) -> jax.Array:
   return inside[None, :, :, None]
 
 
+def block_kinds(mixer: str, depth: int) -> tuple[str, ...]:
+  """The block type at each index of a stage: 'glmix', 'mhsa', 'mhsa_conv'."""
+  if mixer == 'hybrid':
+    return tuple('glmix' if j % 2 == 0 else 'mhsa_conv' for j in range(depth))
+  return (mixer,) * depth
+
+
+def scan_period(kinds: tuple[str, ...]) -> int:
+  """Blocks per scanned step: the stage's repeating unit (1, or 2 for
+  'hybrid'), or 0 when the stage is no whole number of units (not scanned)."""
+  period = 2 if len(set(kinds)) > 1 else 1
+  repeats = kinds[:period] * (len(kinds) // period)
+  return period if repeats == kinds else 0
+
+
+_BLOCKS = {'glmix': GLMixBlock, 'mhsa': MHSABlock, 'mhsa_conv': MHSAConvBlock}
+
+
+def build_block(kind: str, *, drop_path: float | jax.Array, remat: str,
+                name: str, block_args: dict, glmix_args: dict,
+                conv_args: dict) -> nn.Module:
+  """One block of a stage (call from a compact method: it becomes a child).
+
+  Call it as ``block(x, train)``: under remat ``train`` must be positional to
+  be static (argument 2, counting the module).
+  """
+  cls = _BLOCKS[kind]
+  if REMAT_POLICIES[remat] is not None:
+    cls = nn.remat(cls, policy=REMAT_POLICIES[remat], static_argnums=(2,))
+  args = dict(block_args, drop_path=drop_path, name=name)
+  if kind != 'mhsa':
+    args.update(conv_args)
+  if kind == 'glmix':
+    args.update(glmix_args)
+  return cls(**args)
+
+
 class GLNetStage(nn.Module):
-  """A stage's blocks in order, torch ``BasicLayer`` (names ``blocks_{i}``)."""
-  mixer: str
-  depth: int
+  """A stage's blocks in order, torch ``BasicLayer`` (names ``blocks_{i}``).
+
+  With ``scan_period`` > 0 (only through ``scanned_stage``, which keeps the
+  stored variables per block) the blocks run as ``depth / scan_period``
+  steps of one ``nn.scan``-ned group of ``scan_period`` blocks, so XLA
+  compiles the group once however deep the stage is. The per-block
+  drop-path rates are then a scanned input; drop-path masks come from the
+  scan's split rng, so in training they differ from the unscanned model's
+  (equally distributed); eval outputs and gradients without drop path are
+  the same.
+  """
+  kinds: tuple[str, ...]
   drop_rates: tuple[float, ...]
   block_args: dict
   glmix_args: dict
   conv_args: dict
+  remat: str = 'none'
+  scan_period: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if self.mixer == 'mhsa':  # tokens (B, N, C) for the whole stage
-      b, h, w, c = x.shape
-      t = x.reshape(b, h * w, c)
-      for j in range(self.depth):
-        t = MHSABlock(drop_path=self.drop_rates[j], name=f'blocks_{j}',
-                      **self.block_args)(t, train=train)
-      return t.reshape(b, h, w, c)
-    for j in range(self.depth):
-      x = self._block(j)(x, train=train)
-    return x
+    b, h, w, c = x.shape
+    tokens = self.kinds[0] == 'mhsa'  # (B, N, C) for the whole stage
+    if tokens:
+      x = x.reshape(b, h * w, c)
+    config = dict(remat=self.remat, block_args=self.block_args,
+                  glmix_args=self.glmix_args, conv_args=self.conv_args)
+    if self.scan_period:
+      steps = len(self.kinds) // self.scan_period
+      group = nn.scan(_BlockGroup, variable_axes={True: 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      length=steps)
+      rates = jnp.asarray(self.drop_rates, jnp.float32).reshape(steps, -1)
+      x, _ = group(kinds=self.kinds[:self.scan_period], train=train,
+                   drop_path=any(self.drop_rates), config=config,
+                   name=_SCAN)(x, rates)
+    else:
+      for j, kind in enumerate(self.kinds):
+        x = build_block(kind, drop_path=self.drop_rates[j], name=f'blocks_{j}',
+                        **config)(x, train)
+    return x.reshape(b, h, w, c) if tokens else x
 
-  def _block(self, j: int) -> nn.Module:
-    args = dict(drop_path=self.drop_rates[j], name=f'blocks_{j}',
-                **self.block_args, **self.conv_args)
-    if self.mixer == 'glmix' or (self.mixer == 'hybrid' and j % 2 == 0):
-      return GLMixBlock(**args, **self.glmix_args)
-    return MHSAConvBlock(**args)
+
+class _BlockGroup(nn.Module):
+  """The body of a scanned stage: ``len(kinds)`` consecutive blocks."""
+  kinds: tuple[str, ...]
+  train: bool
+  drop_path: bool  # False: every rate is 0 (no dropout rng needed)
+  config: dict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rates: jax.Array):
+    for k, kind in enumerate(self.kinds):
+      rate = rates[k] if self.drop_path else 0.0
+      x = build_block(kind, drop_path=rate, name=f'blocks_{k}',
+                      **self.config)(x, self.train)
+    return x, None
+
+
+_SCAN = 'scan'  # the scanned group's name inside a scanned stage
+
+
+def _stack_blocks(variables: dict, period: int) -> dict:
+  """Stored per-block trees -> the scan's view: {collection: {'scan':
+  {'blocks_k': tree of block u * period + k, stacked over u}}}."""
+  out = {}
+  for collection, tree in variables.items():
+    indices = sorted(int(name.removeprefix('blocks_')) for name in tree)
+    groups = {k: [tree[f'blocks_{j}'] for j in indices if j % period == k]
+              for k in range(period)}
+    out[collection] = {_SCAN: {
+        f'blocks_{k}': jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                              *group)
+        for k, group in groups.items() if group}}
+  return out
+
+
+def _unstack_blocks(variables: dict, period: int) -> dict:
+  """The inverse of ``_stack_blocks``: what a scanned stage stores."""
+  out = {}
+  for collection, tree in variables.items():
+    out[collection] = {}
+    for k, stacked in tree.get(_SCAN, {}).items():
+      offset = int(k.removeprefix('blocks_'))
+      steps = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+      for u in range(steps):
+        out[collection][f'blocks_{u * period + offset}'] = (
+            jax.tree_util.tree_map(lambda x, u=u: x[u], stacked))
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def scanned_stage(period: int) -> type[nn.Module]:
+  """``GLNetStage`` scanning over groups of ``period`` blocks, whose stored
+  variables (params, batch_stats, sown intermediates) are exactly the
+  unscanned stage's ``blocks_{j}`` trees: they are stacked on the way in and
+  split on the way out, so checkpoints and converted weights load unchanged
+  and ``slot_logits`` stay per block."""
+  return nn.map_variables(
+      GLNetStage, mapped_collections=True,
+      trans_in_fn=functools.partial(_stack_blocks, period=period),
+      trans_out_fn=functools.partial(_unstack_blocks, period=period),
+      mutable=True)
 
 
 # ---------------------------------------------------------------------------

@@ -61,6 +61,12 @@ UNCOUNTED_MACS_SCOPE = 'uncounted_macs'
 DECLARED_MACS_PREFIX = 'macs_'
 
 
+# Element-wise products inside this scope are the multiplies of a contraction
+# (e.g. a depthwise conv computed as shifted products): each counts its output
+# size as MACs, as convolution MACs.
+ELEMENTWISE_MACS_SCOPE = 'elementwise_macs'
+
+
 def declare_macs(module: nn.Module, name: str, macs: int) -> None:
   """Records ``macs`` for an op of ``module`` that the counter cannot see.
 
@@ -116,13 +122,87 @@ def linear(features: int, *, dtype: Dtype, param_dtype: Dtype,
                   bias_init=nn.initializers.zeros, name=name)
 
 
+def _shifted_sum(padded: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum_{i,j} padded[:, i:i+H, j:j+W, :] * kernel[i, j, :], summed in at
+  least float32: a stride-1 depthwise correlation of a padded NHWC map."""
+  k = kernel.shape[0]
+  h, w = padded.shape[1] - k + 1, padded.shape[2] - k + 1
+  acc = jnp.promote_types(padded.dtype, jnp.float32)
+  out = jnp.zeros((padded.shape[0], h, w, padded.shape[3]), acc)
+  for i in range(k):
+    for j in range(k):
+      out = out + (padded[:, i:i + h, j:j + w, :] * kernel[i, j]).astype(acc)
+  return out
+
+
+def _pad_same(x: jax.Array, k: int) -> jax.Array:
+  pad = k // 2
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+@jax.custom_vjp
+def _depthwise_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Depthwise k x k correlation, "same" zero padding; kernel (k, k, C)."""
+  return _shifted_sum(_pad_same(x, kernel.shape[0]), kernel).astype(x.dtype)
+
+
+def _depthwise_same_fwd(x, kernel):
+  return _depthwise_same(x, kernel), (x, kernel)
+
+
+def _depthwise_same_bwd(residuals, g):
+  # Written out because autodiff of the shifted sum pads and adds k*k
+  # full-size cotangents; here the input gradient is one more shifted sum
+  # (with the flipped kernel) and the kernel gradient k*k reductions.
+  x, kernel = residuals
+  k = kernel.shape[0]
+  dx = _shifted_sum(_pad_same(g, k), kernel[::-1, ::-1]).astype(x.dtype)
+  padded = _pad_same(x, k)
+  h, w = x.shape[1:3]
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  dk = jnp.stack([
+      jnp.stack([jnp.sum((padded[:, i:i + h, j:j + w, :] * g).astype(acc),
+                         axis=(0, 1, 2)) for j in range(k)])
+      for i in range(k)])
+  return dx, dk.astype(kernel.dtype)
+
+
+_depthwise_same.defvjp(_depthwise_same_fwd, _depthwise_same_bwd)
+
+
+class DepthwiseConv(nn.Module):
+  """torch ``Conv2d(C, C, k, padding=k // 2, groups=C)`` on NHWC maps, with
+  ``nn.Conv``'s parameters (``kernel`` (k, k, 1, C), ``bias`` (C,), same
+  names, shapes and initialisation), so checkpoints are unchanged.
+
+  Computed as the sum of the k*k shifted copies of the zero-padded input,
+  each scaled per channel, with a hand-written backward, rather than as a
+  feature-grouped convolution: XLA:CPU runs grouped convolutions 20-50x
+  slower than this fused sum at GLNet's shapes (BENCHMARKS.md); on
+  accelerators the sum is one fused, memory-bound kernel either way.
+  """
+  kernel_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param('kernel', torch_default_kernel_init, (k, k, 1, c),
+                        self.param_dtype)
+    bias = self.param('bias', torch_default_bias_init(k * k), (c,),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
+      return _depthwise_same(x, kernel[:, :, 0]) + bias
+
+
 def depthwise_conv(x: jax.Array, kernel_size: int, *, dtype: Dtype,
                    param_dtype: Dtype, name: str) -> jax.Array:
   """Depthwise ``kernel_size`` conv with "same" symmetric zero padding."""
-  channels = x.shape[-1]
-  return conv2d(channels, kernel_size, padding=kernel_size // 2,
-                groups=channels, in_features=channels, dtype=dtype,
-                param_dtype=param_dtype, name=name)(x)
+  return DepthwiseConv(kernel_size, dtype=dtype, param_dtype=param_dtype,
+                       name=name)(x)
 
 
 # ---------------------------------------------------------------------------
@@ -134,16 +214,21 @@ class DropPath(nn.Module):
 
   A sample's whole residual branch is dropped with probability ``rate``; the
   survivors are scaled by 1 / (1 - rate). Uses the ``'dropout'`` rng stream.
+  ``rate`` may be a traced scalar: blocks compiled once by ``nn.scan`` take
+  their depth-dependent rates as a scanned input.
   """
-  rate: float
+  rate: float | jax.Array
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    if self.rate == 0.0 or deterministic:
+    if deterministic or (isinstance(self.rate, (int, float))
+                         and self.rate == 0.0):
       return x
-    broadcast = tuple(range(1, x.ndim))  # one keep/drop decision per sample
-    return nn.Dropout(self.rate, broadcast_dims=broadcast)(
-        x, deterministic=False)
+    keep = 1.0 - self.rate
+    # one keep/drop decision per sample
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class LayerScale(nn.Module):

@@ -4,7 +4,7 @@ MACs (multiply-accumulates) are counted exactly from the traced program, not
 estimated: every convolution and every matrix product (dense layers,
 attention QK^T and AV, slot clustering and dispatch) in the eval-mode jaxpr
 contributes output elements x contraction size (1x1 convs are matmuls
-here). This is what PyTorch's
+here; depthwise convs, computed as shifted products, count their products). This is what PyTorch's
 ``FlopCounterMode`` counts (convs + matmuls + SDPA), the figure the GLNet
 spec recommends (glnet.md §3); element-wise ops, norms and the adaptive
 average pool that builds the initial slots are not counted (fvcore adds about
@@ -69,6 +69,10 @@ def _count(jaxpr, totals: collections.Counter, scope: str = '',
       skipped = layers.UNCOUNTED_MACS_SCOPE in name_stack
       kind = 'not counted' if skipped else eqn.primitive.name
       totals[kind] += repeats * _COUNTERS[eqn.primitive.name](eqn)
+    elif (eqn.primitive.name == 'mul'
+          and layers.ELEMENTWISE_MACS_SCOPE in name_stack):
+      totals['conv_general_dilated'] += repeats * math.prod(
+          eqn.outvars[0].aval.shape)
     trips = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
     for sub in _sub_jaxprs(eqn):
       _count(sub, totals, name_stack, repeats * trips)

@@ -1,0 +1,152 @@
+r"""Times an official PyTorch model (GLNet or ACmix) from its own checkout.
+
+Run by ``benchmarks/throughput.py`` in a separate process under a torch
+interpreter (``--torch_python``); never imported by the project, and needs
+torch only. The official code is imported unmodified from ``--official`` (a
+checkout of rayleizhu/GLMix or LeapLabTHU/ACmix outside this repository).
+Prints one JSON line: seconds per call (median / min / max) and versions.
+
+  python benchmarks/torch_official.py --official=/tmp/GLMix --model=glnet_stl \
+      --mode=train --batch=8 --size=224 --repeats=5
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+  module = types.ModuleType(name)
+  module.__dict__.update(attrs)
+  sys.modules[name] = module
+  return module
+
+
+class _DropPath(torch.nn.Module):
+  """What timm's DropPath computes: per-sample stochastic depth."""
+
+  def __init__(self, drop_prob=0.0):
+    super().__init__()
+    self.drop_prob = drop_prob
+
+  def forward(self, x):
+    if not self.training or not self.drop_prob:
+      return x
+    keep = 1.0 - self.drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class _LayerNorm2d(torch.nn.LayerNorm):
+  """What timm's LayerNorm2d computes: LayerNorm over C of an NCHW map."""
+
+  def __init__(self, num_channels, eps=1e-6, affine=True):
+    super().__init__(num_channels, eps=eps, elementwise_affine=affine)
+
+  def forward(self, x):
+    x = x.permute(0, 2, 3, 1)
+    x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias,
+                     self.eps)
+    return x.permute(0, 3, 1, 2)
+
+
+def _provide_timm_helpers():
+  """The official files take a few helpers from timm (and fairscale). timm
+  1.x imports a torchvision that must match the torch build exactly, so the
+  helpers are provided directly instead (same computation)."""
+  layers = _module('timm.models.layers', DropPath=_DropPath,
+                   LayerNorm2d=_LayerNorm2d, to_2tuple=lambda x: (x, x),
+                   trunc_normal_=torch.nn.init.trunc_normal_)
+  _module('timm')
+  _module('timm.models', register_model=lambda fn: fn, layers=layers)
+  _module('fairscale')
+  _module('fairscale.nn')
+  # Activation checkpointing is off in the official configs (never called).
+  _module('fairscale.nn.checkpoint', checkpoint_wrapper=lambda m: m)
+
+
+def build(root: str, name: str) -> torch.nn.Module:
+  """The official model ``name`` (a registered name of this project)."""
+  _provide_timm_helpers()
+  if name.startswith('glnet_'):
+    if name.endswith('_tklb'):
+      raise ValueError('token-labeling variants are not supported here.')
+    sys.path.insert(0, root)
+    from models import glnet  # pylint: disable=import-outside-toplevel
+    return getattr(glnet, name)()
+  if name == 'acmix_resnet50':
+    # ResNet_ImageNet.py imports load_state_dict_from_url from a torchvision
+    # module that no longer exists; it is torch.hub's (and unused here).
+    for module in ('torchvision', 'torchvision.models'):
+      _module(module)
+    _module('torchvision.models.utils',
+            load_state_dict_from_url=torch.hub.load_state_dict_from_url)
+    sys.path.insert(0, os.path.join(root, 'ResNet'))
+    import ResNet_ImageNet  # pylint: disable=import-outside-toplevel
+    return ResNet_ImageNet.ACmix_ResNet(layers=[3, 4, 6, 3])
+  if name == 'acmix_swin_t':
+    sys.path.insert(0, os.path.join(root, 'Swin-Transformer', 'models'))
+    import swin_transformer_acmix as swin  # pylint: disable=import-outside-toplevel
+    return swin.SwinTransformer_acmix(drop_path_rate=0.2)
+  raise ValueError(f'No official builder for {name!r}.')
+
+
+def step_function(model: torch.nn.Module, mode: str, images: torch.Tensor):
+  """A no-argument callable: one eval forward, or one AdamW training step
+  (forward, cross-entropy, backward, update)."""
+  if mode == 'forward':
+    model.eval()
+
+    def forward():
+      with torch.no_grad():
+        model(images)
+
+    return forward
+  model.train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3,
+                                weight_decay=0.05)
+  labels = torch.randint(0, 1000, (images.shape[0],))
+
+  def train_step():
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+
+  return train_step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--official', required=True)
+  parser.add_argument('--model', required=True)
+  parser.add_argument('--mode', choices=('forward', 'train'), required=True)
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--threads', type=int, default=os.cpu_count())
+  args = parser.parse_args()
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  model = build(args.official, args.model)
+  images = torch.randn(args.batch, 3, args.size, args.size)
+  call = step_function(model, args.mode, images)
+  call()  # warm-up
+  times = []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  print(json.dumps(dict(median_s=statistics.median(times), min_s=min(times),
+                        max_s=max(times), torch=torch.__version__,
+                        threads=torch.get_num_threads())))
+
+
+if __name__ == '__main__':
+  main()
