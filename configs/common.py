@@ -129,9 +129,10 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
           dtype='bfloat16',  # bf16 compute replaces fp16 AMP
           # Memory / speed trades that leave the function unchanged: recompute
           # block activations in the backward pass ('none', 'full',
-          # 'dots_saveable', 'dots_with_no_batch_dims_saveable'), and compile
-          # a stage's repeated blocks once (nn.scan; compile time flat in
-          # depth). See glnet.REMAT_POLICIES and BENCHMARKS.md.
+          # 'dots_saveable', 'dots_with_no_batch_dims_saveable'), and run a
+          # stage's repeated blocks as one nn.scan. On XLA:CPU only the two
+          # together lower peak memory (2.3x for glnet_stl); see
+          # glnet.REMAT_POLICIES and BENCHMARKS.md.
           remat='none',
           scan_blocks=False,
           **model_overrides),
