@@ -120,7 +120,7 @@ def _train(model, images, seed: int = 0):
   batch = dict(image=images, label=labels)
   no_mix = ml_collections.FrozenConfigDict(dict(
       mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=0.0, switch_prob=0.0,
-      label_smoothing=0.0))
+      label_smoothing=0.0, label_smoothing_spread='eps_over_k'))
   step = jax.jit(functools.partial(
       train_lib.train_step, model=model, tx=tx, schedule=lambda s: 1e-3,
       mix_config=no_mix, num_classes=model.num_classes, seed=seed,

@@ -2,6 +2,8 @@
 depthwise conv change neither the function, nor its gradients, nor the
 stored variables."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -111,3 +113,24 @@ def test_depthwise_conv_and_its_gradients_equal_the_grouped_conv(k):
     chex.assert_trees_all_close(
         jax.grad(loss(ours), (0, 1))(variables, x),
         jax.grad(loss(grouped), (0, 1))(variables, x), atol=1e-5)
+
+
+@pytest.mark.parametrize('shape,k,block_elements', [
+    ((3, 12, 10, 4), 5, 80),  # 2 rows of 40 per block, 18 blocks
+    ((2, 7, 9, 8), 3, 50),    # a row is over the block size: one per block
+    ((2, 8, 8, 4), 5, 1024),  # small map: the reductions in one go
+])
+def test_depthwise_kernel_grad_in_blocks_equals_the_whole_map_sum(
+    shape, k, block_elements):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  g = jax.random.normal(jax.random.PRNGKey(1), shape)
+  # the definition: correlate the padded input with the cotangent per tap
+  p = k // 2
+  padded = np.pad(np.asarray(x), ((0, 0), (p, p), (p, p), (0, 0)))
+  h, w = shape[1:3]
+  expected = np.array([[np.sum(padded[:, i:i + h, j:j + w] * np.asarray(g),
+                               axis=(0, 1, 2)) for j in range(k)]
+                       for i in range(k)])
+  blocked = jax.jit(functools.partial(
+      layers.depthwise_kernel_grad, k=k, block_elements=block_elements))
+  np.testing.assert_allclose(blocked(x, g), expected, rtol=1e-5, atol=1e-5)

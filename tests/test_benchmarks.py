@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end on a small model (their figures are
+measured by hand and recorded in BENCHMARKS.md; here only that they run and
+report what they claim)."""
+
+import json
+
+from benchmarks import throughput
+from glmix_jax.models import summary
+
+
+def test_throughput_reports_a_train_step(tmp_path):
+  out = tmp_path / 'small.json'
+  throughput.main([
+      '--models', 'glnet_stl', '--modes', 'train', '--batch', '2',
+      '--size', '64',
+      '--repeats', '1', '--matmul_size', '256', '--json', str(out),
+      '--override', 'depths=(1, 1, 1, 1)',
+      '--override', 'dims=(32, 64, 96, 128)'])
+  results = json.loads(out.read_text())['results']
+  ours = results['glnet_stl/train']['jax']
+  assert ours['images_per_s'] > 0 and ours['compile_s'] > 0
+  assert ours['compiled_peak_bytes'] > 0
+  # MFU's numerator: forward + backward, three times the model's MACs
+  macs = summary.summarize('glnet_stl', 64, depths=(1, 1, 1, 1),
+                           dims=(32, 64, 96, 128))['macs']['total']
+  assert ours['flops'] == 2 * 3 * macs * 2  # 2 FLOPs x 3 x batch 2
