@@ -205,7 +205,9 @@ def depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, *,
   On CPU the reductions run in cache-sized blocks of rows; elsewhere as k*k
   whole-map reductions, which GPU and TPU compilers fuse.
   """
-  padded = _pad_same(x, k)
+  # The barrier keeps XLA from sharing the taps' shifted slices with the
+  # forward's shifted sum: shared, each slice is materialised at full size.
+  padded, g = jax.lax.optimization_barrier((_pad_same(x, k), g))
   return jax.lax.platform_dependent(
       padded, g,
       cpu=functools.partial(_kernel_grad_in_row_blocks,
@@ -281,10 +283,11 @@ class DropPath(nn.Module):
                          and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
-    # one keep/drop decision per sample
+    # one keep/drop decision per sample; as timm, the survivors' scale is
+    # mask / keep, one multiply per element (forward and backward).
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+    return x * (mask / jnp.asarray(keep, x.dtype)).astype(x.dtype)
 
 
 class LayerScale(nn.Module):
