@@ -94,26 +94,32 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema_params
-  if ema is not None:
-    updated = (tx.has_updated(opt_state) if accum_steps > 1
-               else True)
-    ema = jax.tree_util.tree_map(
-        lambda e, p: jnp.where(updated, ema_decay * e + (1 - ema_decay) * p, e),
-        ema, params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                   opt_state=opt_state, ema_params=ema,
-                   bad_steps=state.bad_steps)
-  # A non-finite step changes nothing but the data position.
-  kept = state.replace(step=state.step + 1, bad_steps=state.bad_steps + 1)
-  new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, kept)
+
+  def apply_update(state):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      updated = (tx.has_updated(opt_state) if accum_steps > 1
+                 else True)
+      ema = jax.tree_util.tree_map(
+          lambda e, p: jnp.where(updated, ema_decay * e + (1 - ema_decay) * p,
+                                 e), ema, params)
+    return state.replace(step=state.step + 1, params=params,
+                         batch_stats=batch_stats, opt_state=opt_state,
+                         ema_params=ema)
+
+  def skip(state):  # a non-finite step changes nothing but the data position
+    return state.replace(step=state.step + 1, bad_steps=state.bad_steps + 1)
+
+  # A branch rather than a select of the two states: the update writes the
+  # new state once, instead of once more through a select over every array.
+  new = jax.lax.cond(finite, apply_update, skip, state)
   return new, dict(
       loss=loss, grad_norm=grad_norm, lr=schedule(state.step // accum_steps),
-      param_norm=optax.tree.norm(params), finite=finite,
+      param_norm=optax.tree.norm(new.params), finite=finite,
       accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)))
 
 

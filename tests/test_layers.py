@@ -1,8 +1,12 @@
-"""Shared layers: DropPath's per-sample decisions and timm's arithmetic."""
+"""Shared layers: DropPath's per-sample decisions and timm's arithmetic;
+LayerNorm's forward bits and its written backward."""
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from glmix_jax.models import layers
 
@@ -20,3 +24,29 @@ def test_drop_path_drops_whole_samples_and_scales_survivors_as_timm():
   assert 0.6 < kept.mean() < 0.9  # 256 draws of keep = 0.75
   np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
   assert layers.DropPath(0.0).apply({}, x, deterministic=False) is x
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_layer_norm_is_flax_layer_norm_with_the_same_gradients(dtype):
+  x = (3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 24))
+       ).astype(dtype)
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  ours = layers.layer_norm(1e-6, dtype=dtype, param_dtype=jnp.float32,
+                           name='n')
+  flax_ln = nn.LayerNorm(epsilon=1e-6, dtype=dtype, use_fast_variance=False)
+  variables = flax_ln.init(jax.random.PRNGKey(2), x)
+  assert (jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.PRNGKey(2), x))
+          == jax.tree_util.tree_map(jnp.shape, variables))
+  variables = jax.tree_util.tree_map(  # a scale and bias other than 1 and 0
+      lambda p: p + jax.random.normal(jax.random.PRNGKey(3), p.shape),
+      variables)
+  out = ours.apply(variables, x)
+  assert out.dtype == dtype
+  np.testing.assert_array_equal(out, flax_ln.apply(variables, x))
+
+  def loss(m):
+    return lambda v, a: jnp.sum(m.apply(v, a).astype(jnp.float32) * cotangent)
+  chex.assert_trees_all_close(jax.grad(loss(ours), (0, 1))(variables, x),
+                              jax.grad(loss(flax_ln), (0, 1))(variables, x),
+                              rtol=1e-5 if dtype == jnp.float32 else 2e-2,
+                              atol=1e-5 if dtype == jnp.float32 else 2e-2)

@@ -317,11 +317,67 @@ def residual_branch(branch: jax.Array, *, layer_scale_init: float | None,
   return DropPath(drop_path)(branch, deterministic=not train)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                epsilon: float) -> jax.Array:
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  # nn.LayerNorm(use_fast_variance=False)'s operations in its order, so the
+  # output is the same to the bit: statistics in float32 at least, mean
+  # first, then the mean square deviation (PyTorch's two-pass variance).
+  stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(stats, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(stats - mean), axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = (x - mean) * (rstd * scale) + bias
+  return y, (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, residuals, g):
+  # Written out because autodiff of the forward makes XLA:CPU take several
+  # passes over full-size temporaries (broadcasts of the statistics among
+  # them); here two row reductions and one element-wise pass give dx:
+  # dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat)), g' = g * scale.
+  del epsilon
+  x, mean, rstd, scale, bias = residuals
+  xhat = (x - mean) * rstd
+  g_scaled = g * scale
+  dx = rstd * (g_scaled - jnp.mean(g_scaled, axis=-1, keepdims=True)
+               - xhat * jnp.mean(g_scaled * xhat, axis=-1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  return (dx.astype(x.dtype),
+          jnp.sum(g * xhat, axis=rows).astype(scale.dtype),
+          jnp.sum(g, axis=rows).astype(bias.dtype))
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the channel (last) axis with PyTorch's two-pass variance.
+
+  ``nn.LayerNorm(use_fast_variance=False)`` to the bit in the forward pass,
+  with its parameters (``scale``, ``bias``: ones and zeros), and a written
+  backward pass that costs about 30 % less on XLA:CPU (BENCHMARKS.md).
+  """
+  epsilon: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
+    return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
 def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype,
-               name: str) -> nn.LayerNorm:
+               name: str) -> LayerNorm:
   """LayerNorm over channels with PyTorch's two-pass variance."""
-  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
+  return LayerNorm(epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype,
