@@ -1,6 +1,7 @@
 """Pieces shared by the model families: PyTorch-matching initialisers, DropPath,
-LayerScale, multi-head attention with PyTorch's packed projection, the
-convolutional MLP, and the PyTorch-style convolutions.
+LayerScale, LayerNorm, multi-head attention with PyTorch's packed projection,
+the convolutional MLP, and the PyTorch-style convolutions (the depthwise one
+with a written backward).
 
 Every module here computes in ``dtype`` (the compute dtype, e.g. bfloat16) and
 keeps its parameters in ``param_dtype`` (float32 by default), so that mixed
