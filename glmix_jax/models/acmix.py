@@ -607,7 +607,7 @@ class Mlp(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     channels = x.shape[-1]
     x = layers.linear(self.hidden_features, name='fc1', **kw)(x)
-    x = nn.gelu(x, approximate=False)
+    x = layers.gelu(x)
     return layers.linear(channels, name='fc2', **kw)(x)
 
 

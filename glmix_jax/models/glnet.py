@@ -205,7 +205,7 @@ class MHSABlock(nn.Module):
     t = t + drop(a, deterministic=not train)
     m = layers.layer_norm(LN_EPS, name='norm2', **kw)(t)
     m = layers.linear(int(self.mlp_ratio * c), name='mlp_0', **kw)(m)
-    m = layers.linear(c, name='mlp_2', **kw)(nn.gelu(m, approximate=False))
+    m = layers.linear(c, name='mlp_2', **kw)(layers.gelu(m))
     return t + drop(m, deterministic=not train)
 
 
@@ -382,7 +382,7 @@ class GLNet(nn.Module):
       return conv(1, dims[i], 2, 2, 0, dims[i - 1])(bn(0)(x))
     if i == 0:  # deep overlapping stem; indices 0 (Identity), 3 (GELU) unused
       x = bn(2)(conv(1, dims[0] // 2, 3, 2, 1, self.in_channels)(x))
-      x = nn.gelu(x, approximate=False)
+      x = layers.gelu(x)
       return bn(5)(conv(4, dims[0], 3, 2, 1, dims[0] // 2)(x))
     return bn(1)(conv(0, dims[i], 3, 2, 1, dims[i - 1])(x))
 
