@@ -74,10 +74,11 @@ def main():
                                    args.channels).items():
     fwd = jax.jit(fn)
     bwd = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a))))
-    t_f = throughput.time_calls(
-        lambda: jax.block_until_ready(fwd(*inputs)), args.repeats)['min_s']
-    t_b = throughput.time_calls(
-        lambda: jax.block_until_ready(bwd(*inputs)), args.repeats)['min_s']
+    timing = throughput.time_calls(dict(
+        fwd=throughput.timed(lambda: jax.block_until_ready(fwd(*inputs))),
+        bwd=throughput.timed(lambda: jax.block_until_ready(bwd(*inputs)))),
+                                   args.repeats)
+    t_f, t_b = timing['fwd']['min_s'], timing['bwd']['min_s']
     print(f'  {name:32s} {1e3 * t_f:8.2f} | {1e3 * t_b:8.2f}', flush=True)
 
 

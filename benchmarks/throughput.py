@@ -18,10 +18,14 @@ MACs of ``summary.count_macs`` (x 3 for a training step: forward + two
 backward products) and the peak is the best of a few large square matmuls in
 the same dtype on the same device.
 
-With ``--torch_python`` and ``--official`` the official PyTorch model is
-timed in the same job (``benchmarks/torch_official.py``, a separate process,
+With ``--torch_python`` and ``--official`` the official PyTorch model runs in
+the same job (``benchmarks/torch_official.py``, a separate process,
 ``torch.set_num_threads(--torch_threads)``) for the same mode, batch and
-size; its train step is AdamW + cross-entropy.
+size; its train step is AdamW + cross-entropy. Its calls alternate with ours,
+one of each per round, each process idle while the other runs, and the
+speed-up is the median over rounds of official / ours seconds: on a shared
+machine whose load drifts, timing one after the other moved the ratio by
++-10 %.
 
   PYTHONPATH=. python benchmarks/throughput.py --models glnet_stl \
       --batch 8 --size 224 --dtype float32 --modes forward train \
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import functools
 import json
@@ -44,7 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -59,25 +64,48 @@ MODES = ('forward', 'train')
 _TORCH_SCRIPT = pathlib.Path(__file__).with_name('torch_official.py')
 
 
-def time_calls(call: Callable[[], Any], repeats: int) -> dict[str, float]:
-  """Seconds per call (median, min, max) of ``repeats`` calls after one
-  warm-up; ``call`` must block until its result is ready."""
-  call()
-  times = []
-  for _ in range(repeats):
+def timed(call: Callable[[], Any]) -> Callable[[], float]:
+  """``call`` as a callable that returns its own wall-clock seconds; ``call``
+  must block until its result is ready."""
+  def run() -> float:
     start = time.perf_counter()
     call()
-    times.append(time.perf_counter() - start)
-  return dict(median_s=statistics.median(times), min_s=min(times),
-              max_s=max(times))
+    return time.perf_counter() - start
+  return run
+
+
+def time_calls(calls: dict[str, Callable[[], float]], repeats: int
+               ) -> dict[str, dict[str, float]]:
+  """Seconds per call (median, min, max) of each of ``calls`` (callables that
+  return their own seconds), after one warm-up call each.
+
+  The calls alternate, one of each per round, so that a change in the
+  machine's load (a shared VM) hits all of them alike; the ratio of two is
+  best read from the paired rounds (``paired_ratio``).
+  """
+  for call in calls.values():
+    call()
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      times[name].append(call())
+  return {name: dict(median_s=statistics.median(t), min_s=min(t),
+                     max_s=max(t), times_s=t) for name, t in times.items()}
+
+
+def paired_ratio(slow: dict, fast: dict) -> float:
+  """Median over rounds of slow / fast seconds (``time_calls`` results)."""
+  return statistics.median(a / b for a, b in zip(slow['times_s'],
+                                                 fast['times_s']))
 
 
 def matmul_peak_flops(dtype: jnp.dtype, size: int, repeats: int) -> float:
   """Best FLOP/s of a (size x size) @ (size x size) matmul in ``dtype``."""
   a = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
-  timing = time_calls(lambda: matmul(a, a).block_until_ready(), repeats)
-  return 2 * size**3 / timing['min_s']
+  timing = time_calls(
+      dict(matmul=timed(lambda: matmul(a, a).block_until_ready())), repeats)
+  return 2 * size**3 / timing['matmul']['min_s']
 
 
 def _peak_bytes(compiled) -> dict[str, int | None]:
@@ -135,9 +163,10 @@ def _train(model, images, seed: int = 0):
   return compiled, seconds, call
 
 
-def benchmark_jax(name: str, mode: str, *, batch: int, size: int,
-                  dtype: str, repeats: int, overrides: dict) -> dict:
-  """One (model, mode) measurement of this project's implementation."""
+def prepare_jax(name: str, mode: str, *, batch: int, size: int, dtype: str,
+                overrides: dict) -> tuple[dict, Callable[[], None]]:
+  """This project's ``name`` compiled for ``mode``: its compile time, memory
+  and FLOPs per call, and the call to time."""
   model = models.build(name, dtype=dtype, **overrides)
   images = jnp.asarray(np.random.default_rng(0).normal(
       size=(batch, size, size, 3)), jnp.float32)
@@ -148,27 +177,65 @@ def benchmark_jax(name: str, mode: str, *, batch: int, size: int,
   else:
     del variables
     compiled, compile_s, call = _train(model, images)
-  result = dict(compile_s=compile_s, **_peak_bytes(compiled),
-                flops=2 * macs['total'] * batch * (3 if mode == 'train' else 1))
-  if repeats:  # else compile only
-    result.update(time_calls(call, repeats))
-    result['images_per_s'] = batch / result['median_s']
-  result['device_peak_bytes'] = _device_peak_bytes()
-  return result
+  return dict(compile_s=compile_s, **_peak_bytes(compiled),
+              flops=2 * macs['total'] * batch * (3 if mode == 'train' else 1)
+              ), call
 
 
-def benchmark_torch(python: str, official: str, name: str, mode: str, *,
-                    batch: int, size: int, repeats: int, threads: int) -> dict:
-  """One (model, mode) measurement of the official PyTorch code."""
-  run = subprocess.run(
+@contextlib.contextmanager
+def official_calls(python: str, official: str, name: str, mode: str, *,
+                   batch: int, size: int, threads: int
+                   ) -> Iterator[tuple[dict, Callable[[], float]]]:
+  """The official PyTorch ``name`` in a server process
+  (``benchmarks/torch_official.py``): its versions, and a callable that makes
+  one call there and returns the seconds it took."""
+  server = subprocess.Popen(
       [python, str(_TORCH_SCRIPT), f'--official={official}', f'--model={name}',
        f'--mode={mode}', f'--batch={batch}', f'--size={size}',
-       f'--repeats={repeats}', f'--threads={threads}'],
-      capture_output=True, text=True, check=False)
-  if run.returncode:
-    raise RuntimeError(f'The official {name} failed:\n{run.stderr}')
-  result = json.loads(run.stdout.strip().splitlines()[-1])
-  result['images_per_s'] = batch / result['median_s']
+       f'--threads={threads}'],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+  def reply() -> str:
+    line = server.stdout.readline()
+    if not line:
+      raise RuntimeError(f'The official {name} failed:\n{server.stderr.read()}')
+    return line
+
+  def call() -> float:
+    server.stdin.write('call\n')
+    server.stdin.flush()
+    return float(reply())
+
+  try:
+    yield json.loads(reply()), call
+  finally:
+    server.stdin.close()
+    server.wait()
+
+
+def benchmark(name: str, mode: str, *, batch: int, size: int, dtype: str,
+              repeats: int, overrides: dict, torch_python: str | None = None,
+              official: str | None = None, torch_threads: int = 1) -> dict:
+  """One (model, mode) measurement of ours (``jax``) and, given a torch
+  interpreter and checkout, of the official code (``torch``), their calls
+  alternating; ``speedup`` is the median over rounds of official / ours."""
+  ours, call = prepare_jax(name, mode, batch=batch, size=size, dtype=dtype,
+                           overrides=overrides)
+  result = dict(jax=ours)
+  with contextlib.ExitStack() as stack:
+    calls = dict(jax=timed(call))
+    if torch_python and official:
+      versions, calls['torch'] = stack.enter_context(official_calls(
+          torch_python, official, name, mode, batch=batch, size=size,
+          threads=torch_threads))
+      result['torch'] = versions
+    if repeats:  # else compile only
+      for who, timing in time_calls(calls, repeats).items():
+        result[who].update(timing, images_per_s=batch / timing['median_s'])
+  if 'torch' in result and repeats:
+    result['speedup'] = paired_ratio(result['torch'], result['jax'])
+  ours['device_peak_bytes'] = _device_peak_bytes()
   return result
 
 
@@ -199,10 +266,8 @@ def format_row(name: str, mode: str, r: dict, peak_flops: float) -> str:
          f'{100 * ours["flops"] / ours["median_s"] / peak_flops:.1f}%')
   row = (f'| {name} | {mode} {timing} {ours["compile_s"]:.1f} | '
          f'{_mib(memory)} | {mfu} |')
-  if 'torch' in r:
-    ref = r['torch']
-    row += (f' {ref["images_per_s"]:.2f} | '
-            f'{ref["median_s"] / ours["median_s"]:.2f}x |')
+  if 'speedup' in r:
+    row += f' {r["torch"]["images_per_s"]:.2f} | {r["speedup"]:.2f}x |'
   return row
 
 
@@ -244,14 +309,12 @@ def main(argv=None):
   results = {}
   for name in args.models:
     for mode in args.modes:
-      r = dict(jax=benchmark_jax(
+      r = benchmark(
           name, mode, batch=args.batch, size=args.size, dtype=args.dtype,
-          repeats=args.repeats, overrides=overrides))
-      official = _official_checkout(args.official, name)
-      if args.torch_python and official:
-        r['torch'] = benchmark_torch(
-            args.torch_python, official, name, mode, batch=args.batch,
-            size=args.size, repeats=args.repeats, threads=args.torch_threads)
+          repeats=args.repeats, overrides=overrides,
+          torch_python=args.torch_python,
+          official=_official_checkout(args.official, name),
+          torch_threads=args.torch_threads)
       results[f'{name}/{mode}'] = r
       print(format_row(name, mode, r, peak), flush=True)
   if args.json:

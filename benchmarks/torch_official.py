@@ -1,19 +1,24 @@
-r"""Times an official PyTorch model (GLNet or ACmix) from its own checkout.
+r"""Runs an official PyTorch model (GLNet or ACmix) from its own checkout, one
+timed call per request, so that ``benchmarks/throughput.py`` can alternate it
+call by call with ours.
 
 Run by ``benchmarks/throughput.py`` in a separate process under a torch
 interpreter (``--torch_python``); never imported by the project, and needs
 torch only. The official code is imported unmodified from ``--official`` (a
 checkout of rayleizhu/GLMix or LeapLabTHU/ACmix outside this repository).
-Prints one JSON line: seconds per call (median / min / max) and versions.
+
+Protocol, one line each: after building the model and one warm-up call it
+prints a JSON line (torch version, threads); then for every line read from
+stdin it makes one call and prints its seconds; it exits at end of input.
 
   python benchmarks/torch_official.py --official=/tmp/GLMix --model=glnet_stl \
-      --mode=train --batch=8 --size=224 --repeats=5
+      --mode=train --batch=8 --size=224 <<< $'\n\n\n'
 """
 
 import argparse
+import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 import types
@@ -129,23 +134,21 @@ def main():
   parser.add_argument('--mode', choices=('forward', 'train'), required=True)
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--threads', type=int, default=os.cpu_count())
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  model = build(args.official, args.model)
+  with contextlib.redirect_stdout(sys.stderr):  # stdout is the protocol's
+    model = build(args.official, args.model)
   images = torch.randn(args.batch, 3, args.size, args.size)
   call = step_function(model, args.mode, images)
   call()  # warm-up
-  times = []
-  for _ in range(args.repeats):
+  print(json.dumps(dict(torch=torch.__version__,
+                        threads=torch.get_num_threads())), flush=True)
+  for _ in sys.stdin:
     start = time.perf_counter()
     call()
-    times.append(time.perf_counter() - start)
-  print(json.dumps(dict(median_s=statistics.median(times), min_s=min(times),
-                        max_s=max(times), torch=torch.__version__,
-                        threads=torch.get_num_threads())))
+    print(time.perf_counter() - start, flush=True)
 
 
 if __name__ == '__main__':

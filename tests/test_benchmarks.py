@@ -24,3 +24,23 @@ def test_throughput_reports_a_train_step(tmp_path):
   macs = summary.summarize('glnet_stl', 64, depths=(1, 1, 1, 1),
                            dims=(32, 64, 96, 128))['macs']['total']
   assert ours['flops'] == 2 * 3 * macs * 2  # 2 FLOPs x 3 x batch 2
+
+
+def test_calls_alternate_and_the_speedup_pairs_their_rounds():
+  order = []
+
+  def fake(name, seconds):
+    def call():
+      order.append(name)
+      return next(seconds)
+    return call
+
+  # the machine slows down 3x halfway: paired rounds still give 2x
+  ours = iter([9.0, 1.0, 1.0, 3.0, 3.0])  # first: the warm-up
+  official = iter([9.0, 2.0, 2.0, 6.0, 6.0])
+  timing = throughput.time_calls(
+      dict(jax=fake('jax', ours), torch=fake('torch', official)), repeats=4)
+  assert order == ['jax', 'torch'] * 5
+  assert timing['jax']['times_s'] == [1.0, 1.0, 3.0, 3.0]
+  assert timing['torch']['min_s'] == 2.0 and timing['torch']['max_s'] == 6.0
+  assert throughput.paired_ratio(timing['torch'], timing['jax']) == 2.0
