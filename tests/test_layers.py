@@ -79,3 +79,23 @@ def test_gelu_is_exact_gelu_with_its_derivative(dtype):
   np.testing.assert_allclose(np.asarray(ours, np.float32),
                              np.asarray(flax_grad, np.float32),
                              rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('k, use_bias', [(4, True), (2, True), (1, False)])
+def test_patch_conv_is_a_strided_valid_conv(k, use_bias):
+  # 15 x 13: a size that leaves rows and columns beyond the last whole tile
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 15, 13, 6))
+  ours = layers.conv2d(8, k, stride=k, in_features=6, use_bias=use_bias,
+                       dtype=jnp.float32, param_dtype=jnp.float32, name='c')
+  assert isinstance(ours, layers.PatchConv)
+  flax_conv = nn.Conv(8, (k, k), strides=(k, k), padding='VALID',
+                      use_bias=use_bias, kernel_init=ours.kernel_init,
+                      bias_init=ours.bias_init)
+  variables = ours.init(jax.random.PRNGKey(1), x)
+  # the same parameters, initialised to the same values
+  chex.assert_trees_all_equal(variables,
+                              flax_conv.init(jax.random.PRNGKey(1), x))
+  out = ours.apply(variables, x)
+  assert out.shape == (2, 15 // k, 13 // k, 8)
+  np.testing.assert_allclose(out, flax_conv.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)

@@ -82,24 +82,66 @@ def declare_macs(module: nn.Module, name: str, macs: int) -> None:
 # Convolutions with PyTorch's symmetric padding.
 
 
+class PatchConv(nn.Module):
+  """A k x k convolution with stride k and no padding (a patch embedding, or
+  a Swin-style 2 x 2 downsampling), computed as one matmul over flattened
+  patches: the map is cut into k x k tiles, each tile's (k, k, C) values
+  become one row, and the rows meet the kernel reshaped to (k k C, O).
+
+  Same result and parameters as ``nn.Conv(O, (k, k), strides=k,
+  padding='VALID')`` (``kernel`` (k, k, C, O), ``bias``; like it, trailing
+  rows and columns beyond a whole tile are dropped). On XLA:CPU the
+  convolution's backward took 2-3x longer than a matmul's (BENCHMARKS.md).
+  """
+  features: int
+  patch: int
+  kernel_init: Initializer
+  bias_init: Initializer
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, (b, h, w, c) = self.patch, x.shape
+    kernel = self.param('kernel', self.kernel_init, (k, k, c, self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    rows, cols = h // k, w // k
+    tiles = x[:, :rows * k, :cols * k].reshape(b, rows, k, cols, k, c)
+    if k > 1:
+      tiles = tiles.transpose(0, 1, 3, 2, 4, 5)
+    y = tiles.reshape(b, rows, cols, k * k * c) @ kernel.reshape(
+        k * k * c, self.features)
+    return y if bias is None else y + bias
+
+
 def conv2d(features: int, kernel_size: int, *, stride: int = 1,
            padding: int = 0, groups: int = 1, in_features: int,
            dtype: Dtype, param_dtype: Dtype, name: str,
            kernel_init: Initializer | None = None,
-           use_bias: bool = True) -> nn.Conv:
+           use_bias: bool = True) -> nn.Module:
   """A torch-equivalent ``nn.Conv2d`` (NHWC), torch default init.
 
   Padding is explicit and symmetric: Flax's ``'SAME'`` pads (0, 1) for stride 2
-  at even sizes and would shift the sampling grid relative to PyTorch.
+  at even sizes and would shift the sampling grid relative to PyTorch. A
+  kernel that tiles the map (stride = size, no padding) is a ``PatchConv``.
   """
   fan_in = kernel_size * kernel_size * in_features // groups
+  kernel_init = kernel_init or torch_default_kernel_init
+  bias_init = torch_default_bias_init(fan_in)
+  if kernel_size == stride and not padding and groups == 1:
+    return PatchConv(features, kernel_size, kernel_init, bias_init, use_bias,
+                     dtype=dtype, param_dtype=param_dtype, name=name)
   return nn.Conv(
       features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=((padding, padding), (padding, padding)),
       feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=kernel_init or torch_default_kernel_init,
-      bias_init=torch_default_bias_init(fan_in), name=name)
+      param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init,
+      name=name)
 
 
 def pointwise(features: int, *, in_features: int, dtype: Dtype,
