@@ -9,14 +9,14 @@ device JAX runs on (CPU, GPU, TPU):
   donated as in training.
 
 Each is compiled ahead of time (``jit(...).lower(...).compile()``; wall-clock
-and process CPU seconds), run once to warm up, then timed ``--repeats`` times; images/s uses the
-median. Peak memory is the device's ``peak_bytes_in_use`` where the backend
-reports it (GPU, TPU), else XLA's memory analysis of the compiled program
-(arguments + outputs + temporaries - donated aliases; CPU). MFU is model
-FLOPs / time / the device's measured peak, where model FLOPs are 2 x the exact
-MACs of ``summary.count_macs`` (x 3 for a training step: forward + two
-backward products) and the peak is the best of a few large square matmuls in
-the same dtype on the same device.
+and process CPU seconds), run once to warm up, then timed ``--repeats``
+times; images/s uses the median. Peak memory is the device's
+``peak_bytes_in_use`` where the backend reports it (GPU, TPU), else XLA's
+memory analysis of the compiled program (arguments + outputs + temporaries -
+donated aliases; CPU). MFU is model FLOPs / time / the device's measured
+peak, where model FLOPs are 2 x the exact MACs of ``summary.count_macs`` (x 3
+for a training step: forward + two backward products) and the peak is the
+best of a few large square matmuls in the same dtype on the same device.
 
 With ``--torch_python`` and ``--official`` the official PyTorch model runs in
 the same job (``benchmarks/torch_official.py``, a separate process,
@@ -220,7 +220,8 @@ def official_calls(python: str, official: str, name: str, mode: str, *,
 
 def benchmark(name: str, mode: str, *, batch: int, size: int, dtype: str,
               repeats: int, overrides: dict, torch_python: str | None = None,
-              official: str | None = None, torch_threads: int = 1) -> dict:
+              official: str | None = None,
+              torch_threads: int = os.cpu_count() or 1) -> dict:
   """One (model, mode) measurement of ours (``jax``) and, given a torch
   interpreter and checkout, of the official code (``torch``), their calls
   alternating; ``speedup`` is the median over rounds of official / ours."""
@@ -309,8 +310,8 @@ def main(argv=None):
         f'measured matmul peak {peak / 1e9:.1f} GFLOP/s; load '
         f'{header["load_average"][0]:.1f}', flush=True)
   print('| model | mode | img/s | s/batch (min-max) | compile s (CPU s) '
-        '| peak MiB | MFU | official img/s | speed-up |\n|---|---|---:|---|---:|---:|'
-        '---:|---:|---:|', flush=True)
+        '| peak MiB | MFU | official img/s | speed-up |\n'
+        '|---|---|---:|---|---:|---:|---:|---:|---:|', flush=True)
   results = {}
   for name in args.models:
     for mode in args.modes:
