@@ -18,6 +18,7 @@ The visualisation command and the notebooks share these steps:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -151,11 +152,18 @@ class Prediction:
   slots: dict[str, SlotWeights]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_with_intermediates(model: nn.Module, variables, images):
+  # Jitted once per (model, input shape): a model is a hashable dataclass, so
+  # repeated predictions reuse the compiled function.
+  return model.apply(variables, images, mutable=['intermediates'],
+                     return_features=True)
+
+
 def predict(loaded: LoadedModel, images: np.ndarray) -> Prediction:
   """Class probabilities and slot weights of a batch (B, S, S, 3)."""
-  apply = jax.jit(lambda v, x: loaded.model.apply(
-      v, x, mutable=['intermediates'], return_features=True))
-  (logits, features), state = apply(loaded.variables, jnp.asarray(images))
+  (logits, features), state = _apply_with_intermediates(
+      loaded.model, loaded.variables, np.asarray(images))
   sown = flax.traverse_util.flatten_dict(
       state.get('intermediates', {}), sep='/')
   slots = {}

@@ -1,6 +1,7 @@
 """The visualisation: checkpoints of both kinds, any image file, clear errors,
 slot weights that are the softmaxes they claim to be, and the command."""
 
+import logging
 import subprocess
 import sys
 
@@ -85,6 +86,27 @@ def test_both_checkpoint_kinds_load_the_same_weights(tiny_run,
   np.testing.assert_allclose(
       inference.predict(from_run, inputs[None]).probabilities,
       inference.predict(from_model, inputs[None]).probabilities, rtol=1e-6)
+
+
+def test_repeated_predictions_compile_once(model_checkpoint, images):
+  config = tiny.get_config()
+  inputs, _ = inference.load_image(images['photo'], config)
+  compiled = []  # jax.log_compiles's "Compiling jit(f) with ... shapes ..."
+  handler = logging.Handler()
+  handler.emit = lambda record: compiled.append(record.getMessage())
+  logger = logging.getLogger('jax._src.interpreters.pxla')
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles():
+      for _ in range(3):  # a notebook re-running a cell: a fresh load each time
+        inference.predict(inference.load_model(config, model_checkpoint),
+                          inputs[None])
+  finally:
+    logger.removeHandler(handler)
+  # the network is the one program that takes the image batch
+  network = [m for m in compiled
+             if m.startswith('Compiling') and 'float32[1,32,32,3]' in m]
+  assert len(network) <= 1, network
 
 
 def test_slot_weights_are_softmaxes_on_each_block_grid(model_checkpoint,
