@@ -76,8 +76,9 @@ def timed(call: Callable[[], Any]) -> Callable[[], float]:
 
 def time_calls(calls: dict[str, Callable[[], float]], repeats: int
                ) -> dict[str, dict[str, float]]:
-  """Seconds per call (median, min, max) of each of ``calls`` (callables that
-  return their own seconds), after one warm-up call each.
+  """Seconds per call (median, min, max, and every call's in ``times_s``) of
+  each of ``calls`` (callables that return their own seconds), after one
+  warm-up call each.
 
   The calls alternate, one of each per round, so that a change in the
   machine's load (a shared VM) hits all of them alike; the ratio of two is
