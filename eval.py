@@ -30,4 +30,4 @@ def main(argv):
 
 if __name__ == '__main__':
   launch.initialize()
-  cli.run(main, errors=launch.USER_ERRORS)
+  cli.run(main)

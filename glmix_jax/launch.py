@@ -1,5 +1,4 @@
-"""Process start-up for the entry points: multi-host initialisation and the
-errors that count as bad input (reported as one line, exit status 1).
+"""Process start-up for the entry points: multi-host initialisation.
 
 Multi-host: on a TPU pod slice or a SLURM / Open MPI GPU cluster, set
 ``GLMIX_JAX_DISTRIBUTED=1`` and ``jax.distributed`` finds its peers itself;
@@ -15,15 +14,6 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TF is imported
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from glmix_jax import checkpoint, train_lib
-from glmix_jax.data import pipeline
-# pylint: enable=g-import-not-at-top,wrong-import-position
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
-               pipeline.DatasetError, checkpoint.CheckpointError,
-               train_lib.NonFiniteError)
 
 
 def initialize() -> None:

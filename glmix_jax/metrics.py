@@ -13,8 +13,10 @@ import jax
 from clu import metric_writers
 from etils import epath
 
+from glmix_jax import errors
 
-class MetricWriter:
+
+class MetricWriter(errors.ClosedOnExit):
   """Writes scalars to TensorBoard (``clu``) and ``WORKDIR/metrics.jsonl``,
   and hands them to ``on_write(step, scalars)`` if given (e.g. a notebook's
   live plot)."""
@@ -28,11 +30,18 @@ class MetricWriter:
         str(self._workdir), just_logging=not self._lead, asynchronous=False)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Raises OSError, naming the workdir, when the files cannot be written
+    (a full disk)."""
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._tb.write_scalars(step, scalars)
-    if self._lead:
-      with (self._workdir / 'metrics.jsonl').open('a') as f:
-        f.write(json.dumps({'step': step, **scalars}) + '\n')
+    try:
+      self._tb.write_scalars(step, scalars)
+      if self._lead:
+        with (self._workdir / 'metrics.jsonl').open('a') as f:
+          f.write(json.dumps({'step': step, **scalars}) + '\n')
+    except Exception as e:  # TensorFlow's ResourceExhaustedError, OSError
+      raise OSError(f'Cannot write the metrics of step {step} in '
+                    f'{self._workdir} ({errors.reason(e)}). Free space or fix '
+                    'the path, then run the same command to resume.') from e
     if self._on_write is not None:
       self._on_write(step, scalars)
 
@@ -42,7 +51,11 @@ class MetricWriter:
                                                    default=str))
 
   def close(self) -> None:
-    self._tb.close()
+    try:
+      self._tb.close()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise OSError(f'Cannot close the metrics files in {self._workdir} '
+                    f'({errors.reason(e)}).') from e
 
 
 class Progress:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -43,3 +44,13 @@ def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh,
     if len(queue) > prefetch:
       yield queue.pop(0)
   yield from queue
+
+
+def wait_for_processes(name: str) -> None:
+  """Returns once every process has called it with ``name`` (at once with
+  one process). A coordination-service barrier, which waits minutes, not a
+  device collective: CPU (gloo) collectives give up on a peer that reaches
+  its first collective much later, as a host still compiling does."""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(
+        name, processes=set(range(jax.process_count())))

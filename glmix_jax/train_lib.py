@@ -14,14 +14,21 @@ Exact resume: the data stream is a pure function of (seed, step) and every
 random number of a step comes from ``fold_in(seed, step)``; the checkpoint
 holds the full state including the step, so a run killed at any point and
 restarted from its last checkpoint ends bitwise where an uninterrupted run
-ends.
+ends; a restart must use the run's config (``resume``).
+
+Faults: a non-finite step changes nothing but the data position and is
+counted; the host reads each step's ``finite`` one step late, but always
+before that step's state is saved, so no checkpoint follows an unchecked step.
+Leaving the loop by any path waits for the save in flight
+(``checkpoint.TrainCheckpoints``); SIGTERM saves a step all processes agree on
+(``preemption``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import signal
-import time
+import itertools
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -33,9 +40,11 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from glmix_jax import checkpoint, metrics, models, optim, sharding
+from glmix_jax import (checkpoint, metrics, models, optim, preemption, resume,
+                       sharding)
 from glmix_jax.data import input as data_input
 from glmix_jax.data import mix, pipeline
+from glmix_jax.errors import NonFiniteError
 from glmix_jax.models import summary
 
 
@@ -120,6 +129,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   return new, dict(
       loss=loss, grad_norm=grad_norm, lr=schedule(state.step // accum_steps),
       param_norm=optax.tree.norm(new.params), finite=finite,
+      bad_steps=new.bad_steps,
       accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)))
 
 
@@ -182,10 +192,6 @@ def evaluate_weights(eval_fn: Callable, weights: dict[str, Any], batch_stats,
 
 # ---------------------------------------------------------------------------
 # The loop.
-
-
-class NonFiniteError(RuntimeError):
-  """Training produced too many non-finite losses or gradients."""
 
 
 class _Plan(NamedTuple):
@@ -263,30 +269,15 @@ def build_model(config: ml_collections.ConfigDict):
                       **config.model.to_dict())
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can save and exit cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-
-def _restore_or_init(config, model, tx, image_shape, mesh, workdir):
-  """The latest checkpoint's state in ``workdir``, or a fresh one; with the
-  checkpoint manager and the state's shardings."""
+def _init_or_restore(config, model, tx, image_shape, mesh, checkpoints):
+  """The latest checkpoint's state, or a fresh one; with the state's
+  shardings."""
   make_state = functools.partial(init_state, model, tx, image_shape,
                                  config.seed, bool(config.ema_decay))
   shardings = state_shardings(jax.eval_shape(make_state), mesh, config.fsdp)
   init = jax.jit(make_state, out_shardings=shardings)
-  manager = checkpoint.train_manager(
-      workdir, save_every=config.checkpoint_steps, keep=config.keep_checkpoints,
-      keep_every=config.get('keep_checkpoint_every') or None)
-  state = checkpoint.restore_latest(manager, jax.eval_shape(init))
-  return (init() if state is None else state), manager, shardings
+  state = checkpoints.restore_latest(jax.eval_shape(init))
+  return (init() if state is None else state), shardings
 
 
 def _announce(config, plan: _Plan) -> None:
@@ -316,6 +307,8 @@ def train_and_evaluate(
   evaluation.
   """
   workdir = epath.Path(workdir)
+  if checkpoint.saved_steps(workdir):  # first: a resume must be the same run
+    resume.check_resumable(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
   model = build_model(config)
@@ -336,67 +329,88 @@ def train_and_evaluate(
   abstract_params = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape)))
   schedule, tx = recipe_optimizer(config, plan, abstract_params['params'])
-  state, manager, shardings = _restore_or_init(config, model, tx, image_shape,
-                                               mesh, workdir)
-  start = int(state.step)
-  writer = metrics.MetricWriter(workdir, on_write=on_metrics)
-  if start == 0:
-    writer.write_json('config.json', config.to_dict())
-    _announce(config, plan)
+  # Leaving this block by any path (the end, an error, SIGTERM, Ctrl-C) waits
+  # for the checkpoint save in flight and puts SIGTERM's handler back.
+  with contextlib.ExitStack() as stack:
+    checkpoints = stack.enter_context(checkpoint.TrainCheckpoints(
+        workdir, save_every=config.checkpoint_steps,
+        keep=config.keep_checkpoints,
+        keep_every=config.get('keep_checkpoint_every') or None))
+    state, shardings = _init_or_restore(config, model, tx, image_shape, mesh,
+                                        checkpoints)
+    writer = stack.enter_context(metrics.MetricWriter(workdir,
+                                                      on_write=on_metrics))
+    preempt = stack.enter_context(preemption.Preemption())
+    start = int(state.step)
+    if start == 0:
+      writer.write_json(resume.CONFIG_FILE, resume.as_saved(config))
+      _announce(config, plan)
 
-  step_fn = jax.jit(functools.partial(
-      train_step, model=model, tx=tx, schedule=schedule,
-      mix_config=ml_collections.FrozenConfigDict(_mix_fields(config)),
-      num_classes=config.data.num_classes, seed=config.seed,
-      ema_decay=config.ema_decay, accum_steps=plan.accum_steps),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-      donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model))
-  batches = sharding.device_batches(
-      data_input.train_batches(config, train_source, start_step=start,
-                               global_batch=plan.pass_batch), mesh)
+    step_fn = jax.jit(functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule,
+        mix_config=ml_collections.FrozenConfigDict(_mix_fields(config)),
+        num_classes=config.data.num_classes, seed=config.seed,
+        ema_decay=config.ema_decay, accum_steps=plan.accum_steps),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(eval_step, model=model))
+    batches = sharding.device_batches(
+        data_input.train_batches(config, train_source, start_step=start,
+                                 global_batch=plan.pass_batch), mesh)
+    if start < plan.total_passes:  # compiled before the loop, on every host
+      first = next(batches)
+      step_fn = step_fn.lower(state, first).compile()
+      sharding.wait_for_processes('train step compiled')
+      batches = itertools.chain([first], batches)
 
-  def run_eval() -> dict[str, float]:
-    weights = {'': state.params}
-    if state.ema_params is not None:
-      weights['ema_'] = state.ema_params
-    return evaluate_weights(
-        eval_fn, weights, state.batch_stats,
-        lambda: data_input.eval_batches(config, eval_source,
-                                        global_batch=plan.pass_batch), mesh)
+    def run_eval() -> dict[str, float]:
+      weights = {'': state.params}
+      if state.ema_params is not None:
+        weights['ema_'] = state.ema_params
+      return evaluate_weights(
+          eval_fn, weights, state.batch_stats,
+          lambda: data_input.eval_batches(config, eval_source,
+                                          global_batch=plan.pass_batch), mesh)
 
-  preemption = _Preemption()
-  total = plan.total_passes
-  progress = metrics.Progress(total, plan.pass_batch, start)
-  pending = None  # the previous step's metrics, checked one step late
-  for step in range(start, total):
-    state, step_metrics = step_fn(state, next(batches))
+    def check_finite(step: int, step_metrics: dict) -> None:
+      _check_finite(step, step_metrics, max_bad=config.max_bad_steps,
+                    last_checkpoint=checkpoints.last_saved)
+
+    total = plan.total_passes
+    progress = metrics.Progress(total, plan.pass_batch, start)
+    # A step's metrics are read on the host one step late, so that the host
+    # dispatches step k + 1 before it waits for step k; a step about to be
+    # saved is checked first, so no checkpoint holds a step past an
+    # unchecked one.
+    pending = None
+    for step in range(start, total):
+      state, step_metrics = step_fn(state, next(batches))
+      if pending is not None:
+        check_finite(*pending)
+      done = step + 1
+      pending = (done, step_metrics)
+      if done % config.log_steps == 0 or done == total:
+        scalars = {k: float(v) for k, v in step_metrics.items()
+                   if k != 'finite'}
+        scalars.update(progress.report(done))
+        writer.write(done, scalars)
+        print(metrics.progress_line(done, total, scalars), flush=True)
+      if config.eval_steps and done % config.eval_steps == 0 and done != total:
+        writer.write(done, run_eval())
+      preempted = preempt.reached(done)
+      final = preempted or done == total
+      if final or checkpoints.should_save(done):
+        check_finite(*pending)
+        pending = None
+        checkpoints.save(done, state, wait=final)
+      if preempted:
+        print(f'Preempted (SIGTERM): saved step {done}; exiting.', flush=True)
+        return {}
     if pending is not None:
-      _check_finite(*pending, max_bad=config.max_bad_steps)
-    pending = (step + 1, step_metrics, state.bad_steps)
-    done = step + 1
-    if done % config.log_steps == 0 or done == total:
-      scalars = {k: float(v) for k, v in step_metrics.items()
-                 if k != 'finite'}
-      scalars.update(progress.report(done))
-      writer.write(done, scalars)
-      print(metrics.progress_line(done, total, scalars), flush=True)
-    if config.eval_steps and done % config.eval_steps == 0 and done != total:
-      writer.write(done, run_eval())
-    preempted = preemption.requested  # read once: SIGTERM may land any time
-    if preempted or done == total:
-      checkpoint.save_now(manager, done, state)
-    else:
-      manager.save(done, args=checkpoint.ocp.args.StandardSave(state))
-    if preempted:
-      print(f'Preempted (SIGTERM): saved step {done}; exiting.', flush=True)
-      return {}
-  if pending is not None:
-    _check_finite(*pending, max_bad=config.max_bad_steps)
-  results = run_eval()
-  writer.write(int(state.step), results)
-  writer.close()
+      check_finite(*pending)
+    results = run_eval()
+    writer.write(int(state.step), results)
   print('Final evaluation: ' + '  '.join(
       f'{k} {v:.4f}' for k, v in results.items()), flush=True)
   return results
@@ -442,18 +456,26 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
   return results
 
 
-def _check_finite(step: int, step_metrics: dict, bad_steps, *,
-                  max_bad: int) -> None:
+def _check_finite(step: int, step_metrics: dict, *, max_bad: int,
+                  last_checkpoint: int | None) -> None:
+  """Warns of a skipped non-finite step; raises once there are more than
+  ``max_bad`` of them."""
   if bool(step_metrics['finite']):
     return
-  if int(bad_steps) > max_bad:
+  bad = int(step_metrics['bad_steps'])
+  if bad > max_bad:
+    kept = (f'the latest checkpoint, step {last_checkpoint}, is intact' if
+            last_checkpoint is not None else 'no checkpoint was written yet')
     raise NonFiniteError(
         f'Non-finite loss or gradient at step {step} (loss '
         f'{float(step_metrics["loss"])}, gradient norm '
-        f'{float(step_metrics["grad_norm"])}); {int(bad_steps)} bad steps '
-        f'exceed max_bad_steps={max_bad}. The update was not applied and the '
-        'last checkpoint is intact.')
-  print(f'warning: step {step} was non-finite and skipped.', flush=True)
+        f'{float(step_metrics["grad_norm"])}); {bad} such steps exceed '
+        f'max_bad_steps={max_bad}. The update was not applied and {kept}. '
+        'Rerun with a larger --config.max_bad_steps to skip such steps and '
+        'resume, or start a new run (a new --workdir) with, e.g., a lower '
+        'learning rate.')
+  print(f'warning: step {step} was non-finite and skipped ({bad} of at most '
+        f'{max_bad}).', flush=True)
 
 
 def _mix_fields(config) -> dict:

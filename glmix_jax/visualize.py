@@ -275,4 +275,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('dpi', 100, 'Resolution of the PNG.')
   flags.DEFINE_enum('weights', 'ema', ['ema', 'raw'], 'For a train.py '
                     'workdir: its EMA weights (when kept) or the raw ones.')
-  cli.run(main, errors=launch.USER_ERRORS)
+  cli.run(main)

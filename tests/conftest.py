@@ -6,6 +6,7 @@ sets them at import time, before any test module imports JAX.
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -69,6 +70,20 @@ def subprocess_env(**extra):
 def train_cmd(workdir, *flags, config='configs/tiny.py'):
   return [sys.executable, str(ROOT / 'train.py'), f'--config={config}',
           f'--workdir={workdir}', *flags]
+
+
+def start_two_processes(workdir, *flags, **popen_args):
+  """``train.py`` as two processes of one run (4 CPU devices each, a
+  coordinator on 127.0.0.1), as on two hosts."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  return [subprocess.Popen(
+      train_cmd(workdir, *flags), cwd=ROOT, text=True,
+      env=subprocess_env(JAX_NUM_CPU_DEVICES='4',
+                         JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                         JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(k)),
+      **popen_args) for k in range(2)]
 
 
 @pytest.fixture(scope='session')

@@ -86,3 +86,27 @@ def test_runlocal_shrinks_any_config_to_the_synthetic_set(name):
   models.build(local.model_name, **local.model)
   with pytest.raises(ValueError, match='Unknown config argument'):
     module.get_config('runfast')
+
+
+@pytest.mark.parametrize('name', ['glnet_stl', 'acmix_resnet50',
+                                  'acmix_swin_t', 'demo', 'tiny'])
+def test_resume_allows_only_execution_fields_to_change(name):
+  from glmix_jax import resume  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config()
+  saved = resume.as_saved(config)
+  flat = resume._flat(saved)  # pylint: disable=protected-access
+  # Every field a resume may change is a field of the recipe (no stale name).
+  assert resume.EXECUTION_FIELDS <= flat.keys() | {'model.remat',
+                                                    'model.scan_blocks'}
+  changed = config.copy_and_resolve_references()
+  changed.update(log_steps=7, checkpoint_steps=9, max_bad_steps=3, fsdp=True)
+  changed.data.update(data_dir='/elsewhere', num_threads=3)
+  assert resume.changed_fields(saved, resume.as_saved(changed)) == []
+  changed.optimizer.lr = 1.0
+  changed.augmentation.mixup_alpha = 0.3
+  assert resume.changed_fields(saved, resume.as_saved(changed)) == [
+      ('augmentation.mixup_alpha', saved['augmentation']['mixup_alpha'], 0.3),
+      ('optimizer.lr', saved['optimizer']['lr'], 1.0)]
+  del saved['seed']  # a run saved by code without that field
+  assert ('seed', '(absent)', config.seed) in resume.changed_fields(
+      saved, resume.as_saved(config))

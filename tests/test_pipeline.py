@@ -133,6 +133,48 @@ def test_bad_input_is_a_clear_error(tmp_path, label_dataset):
   assert pipeline.check_batch_size(32, process_count=2, local_device_count=4) == 16
 
 
+class _Damaged:
+  """A random-access source: record ``unreadable`` raises as a damaged
+  file does, record ``undecodable`` holds bytes that are no image."""
+
+  def __init__(self, good: dict, unreadable=None, undecodable=None):
+    self._good, self._unreadable, self._undecodable = (good, unreadable,
+                                                       undecodable)
+
+  def __len__(self):
+    return 12
+
+  def __getitem__(self, index):
+    if index == self._unreadable:
+      raise RuntimeError('Corrupted Riegeli/records file: chunk header hash '
+                         'mismatch')
+    if index == self._undecodable:
+      return dict(self._good, image=b'\xff\xd8 truncated', file_name=b'x.JPEG')
+    return self._good
+
+
+@pytest.mark.parametrize('which', ['train', 'eval'])
+def test_a_record_that_fails_is_named(train, which):
+  good = train[0]
+
+  def batches(source):
+    if which == 'train':
+      return take(pipeline.train_batches(source, decode, seed=0,
+                                         global_batch=12, num_threads=2), 2)
+    return list(pipeline.eval_batches(source, decode, local_batch=6,
+                                      num_threads=2))
+
+  assert len(batches(_Damaged(good))) == 2
+  with pytest.raises(pipeline.DatasetError,
+                     match=r'Cannot read record 7 of the dataset '
+                           r'\(RuntimeError: Corrupted Riegeli'):
+    batches(_Damaged(good, unreadable=7))
+  with pytest.raises(pipeline.DatasetError,
+                     match=r'Cannot decode the image of record 5 of the '
+                           r'dataset \(x\.JPEG\) \(UnidentifiedImageError'):
+    batches(_Damaged(good, undecodable=5))
+
+
 def test_synthetic_archive_has_the_imagenet_layout(tmp_path):
   synthetic.write_dataset(tmp_path, classes=3, images_per_class=2,
                           image_size=32)

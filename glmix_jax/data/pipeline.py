@@ -38,6 +38,8 @@ from typing import Callable, Iterator
 import grain
 import numpy as np
 
+from glmix_jax.errors import DatasetError, reason
+
 Batch = dict[str, np.ndarray]
 TrainTransform = Callable[[bytes, np.random.Generator], np.ndarray]
 EvalTransform = Callable[[bytes], np.ndarray]
@@ -45,10 +47,6 @@ EvalTransform = Callable[[bytes], np.ndarray]
 # ImageNet-ReaL (Beyer et al. 2020) gives an image at most 10 plausible
 # classes; an empty set marks an image the raters could not label.
 MAX_REAL_LABELS = 10
-
-
-class DatasetError(ValueError):
-  """A dataset that is missing, unknown or unusable as configured."""
 
 
 def open_split(dataset: str, split: str, data_dir: str | None = None):
@@ -125,10 +123,11 @@ def train_batches(source, transform: TrainTransform, *, seed: int,
   def example(k: int) -> Batch:
     step, j = divmod(k, local)
     position = (start_step + step) * global_batch + process_index * local + j
-    record = source[train_record_index(position, seed=seed,
-                                       num_records=num_records,
-                                       repeats=repeats)]
-    image = transform(record['image'], np.random.default_rng([seed, position]))
+    index = train_record_index(position, seed=seed, num_records=num_records,
+                               repeats=repeats)
+    record = read_record(source, index)
+    image = _decoded(source, index, record, transform,
+                     np.random.default_rng([seed, position]))
     return {'image': image, 'label': np.asarray(record['label'], np.int64)}
 
   examples = grain.MapDataset.range(2**62).map(example)
@@ -151,20 +150,22 @@ def eval_batches(source, transform: EvalTransform, *, local_batch: int,
   def example(k: int) -> Batch:
     nonlocal padding
     if start + k < stop:
-      return eval_example(source[start + k], transform)
+      return eval_example(source, start + k, transform)
     if padding is None:  # shaped like a real example, masked out
-      padding = _padding(eval_example(source[0], transform))
+      padding = _padding(eval_example(source, 0, transform))
     return padding
 
   examples = grain.MapDataset.range(steps * local_batch).map(example)
   yield from _batched(examples, local_batch, num_threads)
 
 
-def eval_example(record: dict, transform: EvalTransform) -> Batch:
-  """An evaluation example: ``image``, ``label``, ``mask`` (True) and, where
-  the record has ImageNet-ReaL labels, ``real_labels`` padded with -1."""
+def eval_example(source, index: int, transform: EvalTransform) -> Batch:
+  """Record ``index`` as an evaluation example: ``image``, ``label``,
+  ``mask`` (True) and, where the record has ImageNet-ReaL labels,
+  ``real_labels`` padded with -1."""
+  record = read_record(source, index)
   label = record['label'] if 'label' in record else record['original_label']
-  example = {'image': transform(record['image']),
+  example = {'image': _decoded(source, index, record, transform),
              'label': np.asarray(label, np.int64), 'mask': np.asarray(True)}
   if 'real_label' in record:
     real = np.asarray(record['real_label'], np.int64).reshape(-1)
@@ -174,6 +175,50 @@ def eval_example(record: dict, transform: EvalTransform) -> Batch:
     example['real_labels'] = np.pad(real, (0, MAX_REAL_LABELS - real.size),
                                     constant_values=-1)
   return example
+
+
+def read_record(source, index: int) -> dict:
+  """``source[index]``; a record that cannot be read (a damaged or vanished
+  file) is a DatasetError naming it."""
+  try:
+    return source[index]
+  except Exception as e:  # riegeli / file-system errors of any type
+    raise DatasetError(
+        f'Cannot read {_record_name(source, index)} ({reason(e)}); its '
+        f'files{_data_dir(source)} are damaged or gone. Prepare the dataset '
+        'again (python -m glmix_jax.data.prepare) into a new data_dir.'
+    ) from e
+
+
+def _decoded(source, index: int, record: dict, transform, *args):
+  """``transform(record['image'], *args)``; an image Pillow cannot decode
+  is a DatasetError naming its record."""
+  try:
+    return transform(record['image'], *args)
+  except (OSError, SyntaxError, ValueError) as e:  # Pillow's decode errors
+    raise DatasetError(
+        f'Cannot decode the image of {_record_name(source, index, record)} '
+        f'({reason(e)}). Replace or remove that image in the source files '
+        'and prepare the dataset again into a new data_dir.') from e
+
+
+def _record_name(source, index: int, record: dict | None = None) -> str:
+  """E.g. ``record 17 of imagenet2012 train[:90%] (n01440764_17.JPEG)``."""
+  info = getattr(source, 'dataset_info', None)
+  split = getattr(source, 'split', None)
+  where = f'{info.name} {split}' if info is not None else 'the dataset'
+  name = f'record {index} of {where}'
+  file_name = (record or {}).get('file_name')
+  if file_name is not None:
+    if isinstance(file_name, bytes):
+      file_name = file_name.decode(errors='replace')
+    name += f' ({file_name})'
+  return name
+
+
+def _data_dir(source) -> str:
+  info = getattr(source, 'dataset_info', None)
+  return f' in {info.data_dir}' if info is not None else ''
 
 
 def _padding(example: Batch) -> Batch:
