@@ -88,15 +88,17 @@ def wait_for_save_in_flight(process, checkpoints: pathlib.Path,
 
 def test_non_finite_step_stops_with_the_guards_line_and_resumes(
     tiny_run, tmp_path):
-  # lr 1e38: step 2's update overflows, so the loss of step 3 is NaN.
-  flags = (data_flag(tiny_run), '--config.optimizer.lr=1e38')
+  # lr 1e38: step 2's update overflows, so the loss of step 3 is NaN. A save
+  # every step: step 3's state, past the bad step, must not be saved.
+  flags = (data_flag(tiny_run), '--config.optimizer.lr=1e38',
+           '--config.checkpoint_steps=1')
   done = run_train(tmp_path, *flags)
   assert done.returncode == 1
   assert_one_error_line(done.stderr, 'Non-finite loss or gradient at step 3',
-                        'max_bad_steps=0', 'latest checkpoint, step 1')
-  assert steps_on_disk(tmp_path) == ['1']  # nothing partial left behind
+                        'max_bad_steps=0', 'latest checkpoint, step 2')
+  assert steps_on_disk(tmp_path) == ['1', '2']  # nothing partial either
   step, state = checkpoint.latest_train_state(tmp_path)
-  assert step == 1 and int(state['bad_steps']) == 0
+  assert step == 2 and int(state['bad_steps']) == 0
   # What the message advises: tolerate such steps and resume.
   resumed = run_train(tmp_path, *flags, '--config.max_bad_steps=20')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
