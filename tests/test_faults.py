@@ -100,7 +100,7 @@ def test_non_finite_step_stops_with_the_guards_line_and_resumes(
   step, state = checkpoint.latest_train_state(tmp_path)
   assert step == 2 and int(state['bad_steps']) == 0
   # What the message advises: tolerate such steps and resume.
-  resumed = run_train(tmp_path, *flags, '--config.max_bad_steps=20')
+  resumed = run_train(tmp_path, *flags[:2], '--config.max_bad_steps=20')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'warning: step 3 was non-finite and skipped' in resumed.stdout
   step, state = checkpoint.latest_train_state(tmp_path)
@@ -125,31 +125,16 @@ def test_non_finite_guard_in_two_processes(tiny_run, tmp_path):
 # Signals while a checkpoint is being written.
 
 
-def test_sigkill_during_a_save_resumes_bitwise(tiny_run, tmp_path):
+def test_sigterm_then_sigkill_during_saves_resume_bitwise(tiny_run, tmp_path):
+  # A save every step (an execution field: the run is the reference run).
   flags = (data_flag(tiny_run), '--config.checkpoint_steps=1')
+  checkpoints = tmp_path / 'checkpoints'
+  # SIGTERM while a save is in flight: the forced save still commits.
   process = subprocess.Popen(train_cmd(tmp_path, *flags), cwd=ROOT,
-                             env=subprocess_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  in_flight = wait_for_save_in_flight(process, tmp_path / 'checkpoints', 4)
-  process.kill()  # SIGKILL: no handler runs, the save stays half-written
-  process.wait()
-  assert in_flight in steps_on_disk(tmp_path)
-  committed = checkpoint.latest_train_state(tmp_path)[0]
-  assert committed < int(in_flight.split('.')[0])
-  done = run_train(tmp_path, *flags)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert not [n for n in steps_on_disk(tmp_path) if TMP_SUFFIX in n]
-  assert_bitwise_equal_runs(tmp_path, tiny_run)
-
-
-def test_sigterm_during_a_save_commits_the_forced_save(tiny_run, tmp_path):
-  process = subprocess.Popen(
-      train_cmd(tmp_path, data_flag(tiny_run), '--config.checkpoint_steps=1',
-                '--config.total_steps=100000'),
-      cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+                             env=subprocess_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
   try:
-    wait_for_save_in_flight(process, tmp_path / 'checkpoints', 2)
+    wait_for_save_in_flight(process, checkpoints, 2)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
   finally:  # a run that hangs must not outlive the test
@@ -159,14 +144,34 @@ def test_sigterm_during_a_save_commits_the_forced_save(tiny_run, tmp_path):
   listing = steps_on_disk(tmp_path)
   assert str(saved) in listing and not [n for n in listing if TMP_SUFFIX in n]
   step, state = checkpoint.latest_train_state(tmp_path)
-  assert step == saved == int(state['step'])
+  assert step == saved == int(state['step']) < 12
+  # The same command resumes; SIGKILL while a later save is in flight.
+  process = subprocess.Popen(train_cmd(tmp_path, *flags), cwd=ROOT,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  in_flight = wait_for_save_in_flight(process, checkpoints, saved + 1)
+  process.kill()  # no handler runs, the save stays half-written
+  process.wait()
+  assert in_flight in steps_on_disk(tmp_path)
+  committed = checkpoint.latest_train_state(tmp_path)[0]
+  assert saved < committed < int(in_flight.split('.')[0])
+  # Once more: the partial save is removed and the run ends bitwise where
+  # the uninterrupted one ended.
+  done = run_train(tmp_path, *flags)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert not [n for n in steps_on_disk(tmp_path) if TMP_SUFFIX in n]
+  assert_bitwise_equal_runs(tmp_path, tiny_run)
 
 
-def test_sigterm_to_one_of_two_processes_saves_one_step_in_both(
+def losses(workdir) -> list[tuple[int, float]]:
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [(r['step'], r['loss']) for r in map(json.loads, lines) if 'loss' in r]
+
+
+def test_two_processes_train_as_one_and_save_one_step_on_sigterm(
     tiny_run, tmp_path):
   processes = start_two_processes(
-      tmp_path, data_flag(tiny_run), '--config.total_steps=100000',
-      '--config.checkpoint_steps=1000', stdout=subprocess.PIPE,
+      tmp_path, data_flag(tiny_run), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT)
   try:
     for line in processes[0].stdout:  # wait until both really train
@@ -182,8 +187,15 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_in_both(
     assert p.returncode == 0, out[-3000:]
     saved.append(int(out.split('Preempted (SIGTERM): saved step ')[1]
                      .split(';')[0]))
+  assert 'process 1 of 2: 4 local of 8 devices' in outs[1]
   assert saved[0] == saved[1] >= 3
   assert checkpoint.latest_train_state(tmp_path)[0] == saved[0]
+  # Up to the preemption, the losses of one process with 8 devices.
+  two = losses(tmp_path)
+  assert [s for s, _ in two] == list(range(1, saved[0] + 1))
+  np.testing.assert_allclose([l for _, l in two],
+                             [l for _, l in losses(tiny_run)[:saved[0]]],
+                             rtol=2e-5)
 
 
 # ---------------------------------------------------------------------------

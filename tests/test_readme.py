@@ -101,7 +101,8 @@ README_COMMANDS = {
     'JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 '
     'JAX_PROCESS_ID=0 python train.py --config=configs/glnet_stl.py '
     '--workdir=/shared/runs/glnet_stl':
-        ('test', 'tests/test_train.py::test_two_processes_give_the_losses_of_one'),
+        ('test', 'tests/test_faults.py::'
+                 'test_two_processes_train_as_one_and_save_one_step_on_sigterm'),
     # Visualisation.
     'python -m glmix_jax.visualize --config=configs/glnet_stl.py '
     '--checkpoint=/tmp/glnet_stl --image=photo.jpg --out=slots.png '

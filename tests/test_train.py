@@ -1,6 +1,6 @@
-"""Training: sharded = single-device steps, the NaN guard's step, two
-processes = one, bad configs. Faults mid-run (signals, damaged checkpoints,
-a full disk) are in test_faults.py."""
+"""Training: sharded = single-device steps, the NaN guard's step, bad
+configs. Two processes = one, and faults mid-run (signals, damaged
+checkpoints, a full disk), are in test_faults.py."""
 
 import functools
 import json
@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conftest import ROOT, start_two_processes, subprocess_env, train_cmd
+from conftest import ROOT, subprocess_env, train_cmd
 from configs import tiny
 from glmix_jax import optim, sharding, train_lib
 
@@ -24,11 +24,6 @@ def run_train(workdir, *flags, config='configs/tiny.py', **env):
                         capture_output=True,
                         text=True, cwd=ROOT, env=subprocess_env(**env),
                         timeout=600, check=False)
-
-
-def losses(workdir):
-  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
-  return [(r['step'], r['loss']) for r in map(json.loads, lines) if 'loss' in r]
 
 
 @pytest.fixture(name='reference_run')
@@ -60,22 +55,6 @@ def test_eval_reproduces_the_final_evaluation_of_training(reference_run):
   for key in ('eval_top1', 'eval_count', 'ema_eval_top1', 'ema_eval_loss'):
     value = float(line.split(f' {key} ')[1].split()[0])
     assert value == pytest.approx(final[key], abs=1e-4)
-
-
-def test_two_processes_give_the_losses_of_one(reference_run, tmp_path):
-  processes = start_two_processes(
-      tmp_path, f'--config.data.data_dir={reference_run / "data"}',
-      '--config.total_steps=4', stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT)
-  outs = [p.communicate(timeout=600)[0] for p in processes]
-  for p, out in zip(processes, outs):
-    assert p.returncode == 0, out[-3000:]
-  assert 'process 1 of 2: 4 local of 8 devices' in outs[1]
-  two = losses(tmp_path)
-  one = losses(reference_run)[:4]
-  assert [s for s, _ in two] == [1, 2, 3, 4]
-  np.testing.assert_allclose([l for _, l in two], [l for _, l in one],
-                             rtol=2e-5)
 
 
 @pytest.mark.parametrize('config,flag,message', [
