@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
+# The axes a batch is split over (every device takes its own examples).
+BATCH_AXES = (DATA_AXIS,)
 
 
 def make_mesh() -> Mesh:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from glmix_jax import convert, models
-from glmix_jax.models import layers, summary
+from glmix_jax.models import kernels, layers, summary
 from test_convert import GLNET_FIXTURES, assert_network_matches, load_fixture
 
 # remat alone, and both together (scan alone is covered by the parity test).
@@ -132,5 +132,5 @@ def test_depthwise_kernel_grad_in_blocks_equals_the_whole_map_sum(
                                axis=(0, 1, 2)) for j in range(k)]
                        for i in range(k)])
   blocked = jax.jit(functools.partial(
-      layers.depthwise_kernel_grad, k=k, block_elements=block_elements))
+      kernels.depthwise_kernel_grad, k=k, block_elements=block_elements))
   np.testing.assert_allclose(blocked(x, g), expected, rtol=1e-5, atol=1e-5)

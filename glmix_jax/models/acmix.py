@@ -39,12 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glmix_jax.models import layers
+from glmix_jax.models import kernels, layers
 
 Dtype = Any
 
-ATT_KERNEL = 7  # k_att: the ResNet flavour's sliding window is 7x7
-ATT_PAD = ATT_KERNEL // 2  # reflection padding; maps must be larger than it
+ATT_KERNEL = kernels.ATT_KERNEL  # k_att: the ResNet flavour's 7x7 window
+ATT_PAD = kernels.ATT_PAD  # reflection padding; maps must be larger than it
 SHIFTS = 9  # k_conv^2: the conv path is a 3x3 conv, i.e. nine shifted maps
 DEP_CONV_INITS = ('shift', 'kaiming_fan_out')
 SWIN_LN_EPS = 1e-5  # torch nn.LayerNorm default, used by every Swin norm
@@ -93,9 +93,8 @@ class HeadMapFC(nn.Module):
 
   f[..., c, t] = sum_m W[m, t] F_m[..., c] (+ b[t]) over the 3N head maps
   m = part * N + head, shared by all d channel positions c. Parts (q, k, v)
-  come as separate (..., N, d) arrays and the 3N-term sum is one fused
-  elementwise pass (a 3N x 9 contraction is far too small for a matmul), so no
-  stacked 3N copy is built. Returns (..., d, 9).
+  come as separate (..., N, d) arrays, so no stacked 3N copy is built
+  (``kernels.head_map_fc``). Returns (..., d, 9).
   """
   use_bias: bool
   kernel_init: layers.Initializer | None = None
@@ -104,27 +103,17 @@ class HeadMapFC(nn.Module):
 
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
-    heads = parts[0].shape[-2]
-    fan_in = len(parts) * heads
+    fan_in = len(parts) * parts[0].shape[-2]
     kernel = self.param('kernel',
                         self.kernel_init or layers.torch_default_kernel_init,
                         (fan_in, SHIFTS), self.param_dtype)
-    kernel = kernel.astype(self.dtype).reshape(len(parts), heads, SHIFTS)
-    out = sum(p[..., n, :, None].astype(self.dtype) * kernel[i, n]
-              for i, p in enumerate(parts) for n in range(heads))
-    # torch runs this as a 1x1 conv: output elements x fan_in MACs.
-    layers.declare_macs(self, 'fc', out.size * fan_in)
+    out = kernels.head_map_fc(tuple(p.astype(self.dtype) for p in parts),
+                              kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param('bias', layers.torch_default_bias_init(fan_in),
                         (SHIFTS,), self.param_dtype)
       out = out + bias.astype(self.dtype)
     return out
-
-
-# Up to this many groups, ``dep_conv`` runs as a dense conv with a
-# block-diagonal kernel: d times the MACs, but on XLA:CPU's fast dense conv it
-# beats the grouped conv 2-7x (measured at d = 16 and 32, 14-56 px maps).
-DENSE_DEP_CONV_MAX_GROUPS = 32
 
 
 class GroupedShiftConv(nn.Module):
@@ -134,7 +123,7 @@ class GroupedShiftConv(nn.Module):
   o = c * N + j (group-major), exactly XLA's contiguous channel grouping, so
   the kernel (3, 3, 9, C) is torch's (C, 9, 3, 3) transposed. Zero padding 1,
   stride ``stride``, no bias (quirk #1). One conv serves all shifts: no 9x
-  copy of f is made.
+  copy of f is made (``kernels.grouped_shift_conv``).
   """
   features: int
   stride: int = 1
@@ -144,23 +133,11 @@ class GroupedShiftConv(nn.Module):
 
   @nn.compact
   def __call__(self, f: jax.Array) -> jax.Array:
-    b, h, w, groups, taps = f.shape
+    taps = f.shape[-1]
     kernel = self.param('kernel', self.kernel_init,
                         (3, 3, taps, self.features), self.param_dtype)
-    kernel = kernel.astype(self.dtype)
-    conv = functools.partial(
-        jax.lax.conv_general_dilated, f.reshape(b, h, w, -1).astype(self.dtype),
-        window_strides=(self.stride, self.stride), padding=((1, 1), (1, 1)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    if groups > DENSE_DEP_CONV_MAX_GROUPS:
-      return conv(kernel, feature_group_count=groups)
-    per_group = kernel.reshape(3, 3, taps, groups, self.features // groups)
-    kernel = jnp.einsum('pqtcj,ce->pqctej', per_group,
-                        jnp.eye(groups, dtype=self.dtype))
-    with jax.named_scope(layers.UNCOUNTED_MACS_SCOPE):  # d x the true MACs
-      out = conv(kernel.reshape(3, 3, groups * taps, self.features))
-    layers.declare_macs(self, 'grouped_conv', out.size * taps * 9)
-    return out
+    return kernels.grouped_shift_conv(f.astype(self.dtype),
+                                      kernel.astype(self.dtype), self.stride)
 
 
 def shift_conv_path(parts: Sequence[jax.Array], *, features: int,
@@ -212,85 +189,12 @@ def check_local_attention_size(height: int, width: int, stride: int):
         f'is {smallest}x{smallest}.')
 
 
-# Elements of q per tile of (image, head) slabs that ``local_attention``
-# processes at once: small enough that its 98 passes over the offsets run
-# from cache (2 MiB L2 here), large enough to keep both cores busy.
-LOCAL_ATTENTION_TILE = 200_000
-
-
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array,
                     *, heads: int, stride: int) -> jax.Array:
-  """7x7 sliding-window attention with relative positions (paper Eq. 5).
-
-  For head n and the query at input position (s*i, s*j), with window offsets
-  (a, b) in [-3, 3]^2 and keys at (s*i + a, s*j + b) reflected at borders:
-    logit = < d^-1/2 q , k(key) + pe(query) - pe(key) >,
-    out   = sum_window softmax(logit) * v(key)          (spec §2.1 steps 3-7).
-
-  Memory (spec §10): two passes over the 49 offsets, each offset a strided
-  window of the reflection-padded k, v and pe; no (..., 49, d) unfolded tensor
-  exists. Pass 1 maps the offsets to logits, pass 2 accumulates the weighted
-  values. The only 49-sized tensors are the logits and their softmax, 49/d of
-  the output size, and only for one tile of (image, head) slabs at a time.
-  The tile body and both offset bodies are rematerialised, so under
-  ``jax.grad`` no per-offset residual is stored. Slabs are channel-major,
-  (d, H, W): the sum over d runs over a major axis and vectorises along W
-  (an innermost-axis sum over d is several times slower on CPU).
-
-  Args:
-    q, k, v: (B, H, W, C) projections at the input resolution, q unscaled.
-    pe: (H, W, d) positional projection ``conv_p`` of the coordinate grid.
-    heads: N; C = N * d with head-major channels.
-    stride: 1 or 2; applied late, by subsampling the queries.
-
-  Returns:
-    (B, H // stride, W // stride, C), head-major channels.
-  """
-  b, h, w, c = q.shape
-  check_local_attention_size(h, w, stride)
-  d = c // heads
-  ho, wo = h // stride, w // stride
-
-  def slabs(t):  # (B, H, W, N * d) -> (B * N, d, H, W)
-    return t.reshape(b, h, w, heads, d).transpose(0, 3, 4, 1, 2).reshape(
-        b * heads, d, h, w)
-
-  pad = ((0, 0), (0, 0), (ATT_PAD, ATT_PAD), (ATT_PAD, ATT_PAD))
-  q_hat = slabs(q)[..., ::stride, ::stride] * (d**-0.5)
-  k_pad = jnp.pad(slabs(k), pad, mode='reflect')
-  v_pad = jnp.pad(slabs(v), pad, mode='reflect')
-  pe = pe.transpose(2, 0, 1)  # (d, H, W)
-  pe_pad = jnp.pad(pe, pad[1:], mode='reflect')
-  pe_query = pe[:, ::stride, ::stride]
-
-  def window(t, offset):  # (d, Ho, Wo): the keys at ``offset`` of each query
-    size = (d, stride * (ho - 1) + 1, stride * (wo - 1) + 1)
-    start = (0, offset // ATT_KERNEL, offset % ATT_KERNEL)
-    return jax.lax.dynamic_slice(t, start, size)[:, ::stride, ::stride]
-
-  @jax.checkpoint
-  def attend(slab):  # one (image, head): (d, Ho, Wo), (d, H + 6, W + 6) x 2
-    q_s, k_s, v_s = slab
-
-    @jax.checkpoint
-    def logit(offset):  # (Ho, Wo)
-      return jnp.sum(q_s * (window(k_s, offset) + pe_query
-                            - window(pe_pad, offset)), axis=0)
-
-    @jax.checkpoint
-    def accumulate(offset, out):
-      return out + attn[offset] * window(v_s, offset)
-
-    logits = jax.lax.map(logit, jnp.arange(ATT_KERNEL**2))  # (49, Ho, Wo)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=0).astype(
-        v_s.dtype)
-    return jax.lax.fori_loop(0, ATT_KERNEL**2, accumulate,
-                             jnp.zeros_like(q_s))
-
-  tile = max(1, round(LOCAL_ATTENTION_TILE / (d * ho * wo)))
-  out = jax.lax.map(attend, (q_hat, k_pad, v_pad), batch_size=tile)
-  return out.reshape(b, heads, d, ho, wo).transpose(0, 3, 4, 1, 2).reshape(
-      b, ho, wo, c)
+  """7x7 sliding-window attention with relative positions (paper Eq. 5),
+  ``kernels.local_attention``, on maps the official module accepts."""
+  check_local_attention_size(*q.shape[1:3], stride)
+  return kernels.local_attention(q, k, v, pe, heads=heads, stride=stride)
 
 
 class ACmix(nn.Module):
@@ -338,8 +242,6 @@ class ACmix(nn.Module):
                           name='conv_p', **kw)(
                               position_grid(h, w, self.dtype))
     att = local_attention(q, k, v, pe, heads=self.heads, stride=self.stride)
-    # q.(k + pe) and attn.v over the 49 window positions (spec §5).
-    layers.declare_macs(self, 'local_attention', 2 * att.size * ATT_KERNEL**2)
 
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, head_dim)
     conv = shift_conv_path(

@@ -1,7 +1,7 @@
 """Pieces shared by the model families: PyTorch-matching initialisers, DropPath,
 LayerScale, LayerNorm, the exact GELU, multi-head attention with PyTorch's
 packed projection, the convolutional MLP, and the PyTorch-style convolutions
-(the depthwise one with a written backward).
+(the depthwise one computed by ``kernels``).
 
 Every module here computes in ``dtype`` (the compute dtype, e.g. bfloat16) and
 keeps its parameters in ``param_dtype`` (float32 by default), so that mixed
@@ -21,6 +21,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from glmix_jax.models import kernels
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -51,31 +53,12 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 
 # ---------------------------------------------------------------------------
 # MAC accounting (``glmix_jax.models.summary``). The summary counts every
-# convolution and matrix product in the traced program. Ops it cannot see
-# (element-wise products that are a contraction in the official code) declare
-# their MACs; ops that would be over-counted (e.g. a grouped conv run as a
-# dense block-diagonal one for speed) run inside this scope and declare the
-# true count instead.
+# convolution and matrix product in the traced program (and the products of
+# the contractions that ``kernels`` computes element-wise); ops inside this
+# scope are not counted, as PyTorch's counters skip them (e.g. the adaptive
+# average pool that builds GLNet's initial slots).
 
 UNCOUNTED_MACS_SCOPE = 'uncounted_macs'
-
-
-DECLARED_MACS_PREFIX = 'macs_'
-
-
-# Element-wise products inside this scope are the multiplies of a contraction
-# (e.g. a depthwise conv computed as shifted products): each counts its output
-# size as MACs, as convolution MACs.
-ELEMENTWISE_MACS_SCOPE = 'elementwise_macs'
-
-
-def declare_macs(module: nn.Module, name: str, macs: int) -> None:
-  """Records ``macs`` for an op of ``module`` that the counter cannot see.
-
-  Sown into ``intermediates`` (which ``init`` and plain ``apply`` discard, so
-  training pays nothing) as ``macs_<name>``.
-  """
-  module.sow('intermediates', DECLARED_MACS_PREFIX + name, int(macs))
 
 
 # ---------------------------------------------------------------------------
@@ -166,121 +149,13 @@ def linear(features: int, *, dtype: Dtype, param_dtype: Dtype,
                   bias_init=nn.initializers.zeros, name=name)
 
 
-def _shifted_sum(padded: jax.Array, kernel: jax.Array) -> jax.Array:
-  """sum_{i,j} padded[:, i:i+H, j:j+W, :] * kernel[i, j, :], summed in at
-  least float32: a stride-1 depthwise correlation of a padded NHWC map."""
-  k = kernel.shape[0]
-  h, w = padded.shape[1] - k + 1, padded.shape[2] - k + 1
-  acc = jnp.promote_types(padded.dtype, jnp.float32)
-  out = jnp.zeros((padded.shape[0], h, w, padded.shape[3]), acc)
-  for i in range(k):
-    for j in range(k):
-      out = out + (padded[:, i:i + h, j:j + w, :] * kernel[i, j]).astype(acc)
-  return out
-
-
-def _pad_same(x: jax.Array, k: int) -> jax.Array:
-  pad = k // 2
-  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-
-
-@jax.custom_vjp
-def _depthwise_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Depthwise k x k correlation, "same" zero padding; kernel (k, k, C)."""
-  return _shifted_sum(_pad_same(x, kernel.shape[0]), kernel).astype(x.dtype)
-
-
-def _depthwise_same_fwd(x, kernel):
-  return _depthwise_same(x, kernel), (x, kernel)
-
-
-def _kernel_grad_taps(padded: jax.Array, g: jax.Array) -> jax.Array:
-  """(k, k, C): sum over (b, y, x) of padded[b, y + i, x + j] * g[b, y, x],
-  the k*k tap reductions of a depthwise kernel gradient, in float32 at least."""
-  h, w = g.shape[1:3]
-  k = padded.shape[1] - h + 1
-  acc = jnp.promote_types(g.dtype, jnp.float32)
-  return jnp.stack([
-      jnp.stack([jnp.sum((padded[:, i:i + h, j:j + w, :] * g).astype(acc),
-                         axis=(0, 1, 2)) for j in range(k)])
-      for i in range(k)])
-
-
-# The CPU kernel gradient walks the map in blocks of whole rows of about this
-# many elements (128 KiB of float32 per operand), small enough that a block's
-# k*k tap reductions read it from the core's cache rather than from memory.
-# Maps up to 16 blocks take the k*k reductions in one go.
-KERNEL_GRAD_BLOCK_ELEMENTS = 32768
-
-
-def _kernel_grad_in_row_blocks(padded: jax.Array, g: jax.Array,
-                               block_elements: int) -> jax.Array:
-  """``_kernel_grad_taps`` summed over blocks of rows, one block per step of a
-  loop. As k*k whole-map reductions, each of them reads both maps from memory:
-  at GLNet-STL stage 1 (8 x 56 x 56 x 96, k = 5) that took 69 ms, in blocks
-  8.6 ms (BENCHMARKS.md)."""
-  b, h, w, c = g.shape
-  if b * h * w * c <= 16 * block_elements:
-    return _kernel_grad_taps(padded, g)
-  rows = max(r for r in range(1, h + 1)
-             if h % r == 0 and (r * w * c <= block_elements or r == 1))
-  blocks = h // rows
-  halo = padded.shape[1] - h
-
-  def step(n, total):
-    image, y = n // blocks, (n % blocks) * rows
-    return total + _kernel_grad_taps(
-        jax.lax.dynamic_slice(padded, (image, y, 0, 0),
-                              (1, rows + halo, w + halo, c)),
-        jax.lax.dynamic_slice(g, (image, y, 0, 0), (1, rows, w, c)))
-
-  acc = jnp.promote_types(g.dtype, jnp.float32)
-  k = halo + 1
-  return jax.lax.fori_loop(0, b * blocks, step, jnp.zeros((k, k, c), acc))
-
-
-def depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, *,
-                          block_elements: int = KERNEL_GRAD_BLOCK_ELEMENTS
-                          ) -> jax.Array:
-  """Gradient of a "same"-padded depthwise k x k correlation of ``x`` with
-  respect to its (k, k, C) kernel, given the output cotangent ``g``.
-
-  On CPU the reductions run in cache-sized blocks of rows; elsewhere as k*k
-  whole-map reductions, which GPU and TPU compilers fuse.
-  """
-  # The barrier keeps XLA from sharing the taps' shifted slices with the
-  # forward's shifted sum: shared, each slice is materialised at full size.
-  padded, g = jax.lax.optimization_barrier((_pad_same(x, k), g))
-  return jax.lax.platform_dependent(
-      padded, g,
-      cpu=functools.partial(_kernel_grad_in_row_blocks,
-                            block_elements=block_elements),
-      default=_kernel_grad_taps)
-
-
-def _depthwise_same_bwd(residuals, g):
-  # Written out because autodiff of the shifted sum pads and adds k*k
-  # full-size cotangents; here the input gradient is one more shifted sum
-  # (with the flipped kernel).
-  x, kernel = residuals
-  k = kernel.shape[0]
-  dx = _shifted_sum(_pad_same(g, k), kernel[::-1, ::-1]).astype(x.dtype)
-  return dx, depthwise_kernel_grad(x, g, k).astype(kernel.dtype)
-
-
-_depthwise_same.defvjp(_depthwise_same_fwd, _depthwise_same_bwd)
-
-
 class DepthwiseConv(nn.Module):
   """torch ``Conv2d(C, C, k, padding=k // 2, groups=C)`` on NHWC maps, with
   ``nn.Conv``'s parameters (``kernel`` (k, k, 1, C), ``bias`` (C,), same
   names, shapes and initialisation), so checkpoints are unchanged.
 
-  Computed as the sum of the k*k shifted copies of the zero-padded input,
-  each scaled per channel, with a hand-written backward, rather than as a
-  feature-grouped convolution: XLA:CPU runs grouped convolutions 20-50x
-  slower than this fused sum at GLNet's shapes (BENCHMARKS.md); on
-  accelerators the sum is one fused, memory-bound kernel either way.
+  Computed by ``kernels.depthwise_conv``: a feature-grouped convolution on
+  GPU and TPU, a fused shifted sum with a written backward on CPU.
   """
   kernel_size: int
   dtype: Dtype = jnp.float32
@@ -295,8 +170,7 @@ class DepthwiseConv(nn.Module):
                       self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
-      return _depthwise_same(x, kernel[:, :, 0]) + bias
+    return kernels.depthwise_conv(x, kernel[:, :, 0]) + bias
 
 
 def depthwise_conv(x: jax.Array, kernel_size: int, *, dtype: Dtype,

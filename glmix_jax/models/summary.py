@@ -3,8 +3,11 @@
 MACs (multiply-accumulates) are counted exactly from the traced program, not
 estimated: every convolution and every matrix product (dense layers,
 attention QK^T and AV, slot clustering and dispatch) in the eval-mode jaxpr
-contributes output elements x contraction size (1x1 convs are matmuls
-here; depthwise convs, computed as shifted products, count their products). This is what PyTorch's
+contributes output elements x contraction size (1x1 convs are matmuls here;
+ACmix's window attention, computed as shifted products, counts its
+products). Where a kernel has a CPU form and a standard one
+(``models.kernels``), the standard form's are counted, which is what GPUs and
+TPUs run and what the function takes. This is what PyTorch's
 ``FlopCounterMode`` counts (convs + matmuls + SDPA), the figure the GLNet
 spec recommends (glnet.md §3); element-wise ops, norms and the adaptive
 average pool that builds the initial slots are not counted (fvcore adds about
@@ -21,14 +24,13 @@ import collections
 import math
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from glmix_jax import models
-from glmix_jax.models import layers
+from glmix_jax.models import kernels, layers
 
 
 def _dot_general_macs(eqn) -> int:
@@ -61,6 +63,16 @@ def _sub_jaxprs(eqn):
         yield p
 
 
+def _sub_jaxprs_counted(eqn):
+  """The sub-programs of ``eqn`` that run: of a ``lax.platform_dependent``
+  switch, only the default (GPU / TPU) branch."""
+  platforms = eqn.params.get('branches_platforms')
+  if platforms is None:
+    yield from _sub_jaxprs(eqn)
+    return
+  yield eqn.params['branches'][platforms.index(None)].jaxpr
+
+
 def _count(jaxpr, totals: collections.Counter, scope: str = '',
            repeats: int = 1) -> None:
   for eqn in jaxpr.eqns:
@@ -70,39 +82,28 @@ def _count(jaxpr, totals: collections.Counter, scope: str = '',
       kind = 'not counted' if skipped else eqn.primitive.name
       totals[kind] += repeats * _COUNTERS[eqn.primitive.name](eqn)
     elif (eqn.primitive.name == 'mul'
-          and layers.ELEMENTWISE_MACS_SCOPE in name_stack):
-      totals['conv_general_dilated'] += repeats * math.prod(
-          eqn.outvars[0].aval.shape)
+          and kernels.ELEMENTWISE_MACS_SCOPE in name_stack):
+      totals['elementwise'] += repeats * math.prod(eqn.outvars[0].aval.shape)
     trips = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
-    for sub in _sub_jaxprs(eqn):
+    for sub in _sub_jaxprs_counted(eqn):
       _count(sub, totals, name_stack, repeats * trips)
 
 
 def count_macs(model: nn.Module, variables: Any,
                image_shape: tuple[int, ...]) -> tuple[dict[str, int], Any]:
-  """MACs of one eval forward, by primitive (``{'conv_general_dilated': ..,
-  'dot_general': .., 'declared': .., 'total': .., 'not counted': ..}``), and
-  the shapes of what the forward returns."""
+  """MACs of one eval forward, by kind (``{'conv_general_dilated': ..,
+  'dot_general': .., 'elementwise': .., 'total': .., 'not counted': ..}``),
+  and the shapes of what the forward returns."""
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  declared = {}
 
   def forward(v, x):
-    # Declared counts depend on shapes only; evaluating constants eagerly
-    # keeps them concrete (Flax stores sown values as arrays).
-    with jax.ensure_compile_time_eval():
-      out, state = model.apply(v, x, train=False, return_features=True,
-                               mutable=['intermediates'])
-    flat = flax.traverse_util.flatten_dict(state['intermediates'])
-    declared.update({k: int(v[0]) for k, v in flat.items()
-                     if k[-1].startswith(layers.DECLARED_MACS_PREFIX)})
-    return out
+    return model.apply(v, x, train=False, return_features=True)
 
   jaxpr, shapes = jax.make_jaxpr(forward, return_shape=True)(variables, images)
   totals = collections.Counter()
   _count(jaxpr.jaxpr, totals)
-  totals['declared'] = sum(declared.values())
   totals['total'] = (totals['conv_general_dilated'] + totals['dot_general']
-                     + totals['declared'])
+                     + totals['elementwise'])
   return dict(totals), shapes
 
 
@@ -132,7 +133,8 @@ def format_summary(s: dict[str, Any]) -> str:
       f'  GMACs        {macs["total"] / 1e9:>15.3f}  '
       f'(k x k convs {macs["conv_general_dilated"] / 1e9:.3f}, '
       f'matmuls {macs["dot_general"] / 1e9:.3f}'
-      + (f', declared {macs["declared"] / 1e9:.3f}' if macs['declared'] else '')
+      + (f', window attention {macs["elementwise"] / 1e9:.3f}'
+         if macs.get('elementwise') else '')
       + f'; {macs["total"]:,} MACs)',
       '  output shapes (batch 1, NHWC):',
   ]

@@ -1,0 +1,416 @@
+"""The models' compute kernels: per device, and per platform.
+
+The model files say *what* is computed, as the papers write it; this file
+says *how*, for the few operations where the how matters:
+
+* ``depthwise_conv``: GLNet's 5x5 and 3x3 depthwise convolutions;
+* ``grouped_shift_conv``: ACmix's ``dep_conv``, d groups of 9 shifted maps;
+* ``head_map_fc``: ACmix's FC that maps the 3N head maps to 9 (Eq. 12);
+* ``local_attention``: ACmix-ResNet's 7x7 sliding-window attention (Eq. 5).
+
+**Per platform.** Each has the standard XLA form, which GPU and TPU compile
+well (grouped ``conv_general_dilated``, ``dot_general``, window attention as
+49 unrolled shifted products with no loop), and a form tuned on XLA:CPU
+(BENCHMARKS.md: fused shifted sums with a written backward, a dense
+block-diagonal conv, loops over cache-sized tiles). ``jax.lax.
+platform_dependent`` picks one when the program is lowered, so a program
+lowered for ``cuda`` or ``tpu``, even from a CPU host, holds only the
+standard form, and ``summary.count_macs`` counts the standard form: the
+MACs of the function, not of a CPU trick that does more of them.
+
+**Per device.** Under a mesh (``jax.set_mesh``, as the train and eval steps
+run) ``per_example`` runs a kernel inside ``jax.shard_map`` over the batch
+axes: every device computes its own examples, its loops and tiles sized from
+its own part of the batch. Left to the SPMD partitioner, the CPU forms'
+loops and dynamic slices made every device gather the whole batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from glmix_jax import sharding
+
+# Element-wise products inside this scope are the multiplies of a contraction
+# (a depthwise conv or a window attention computed as shifted products): each
+# counts its output size as MACs (``summary.count_macs``).
+ELEMENTWISE_MACS_SCOPE = 'elementwise_macs'
+
+
+def per_example(kernel: Callable[..., jax.Array], *args: jax.Array,
+                batched: tuple[bool, ...]) -> jax.Array:
+  """``kernel(*args)``, on each device's examples when a mesh is set.
+
+  ``batched[i]`` says whether ``args[i]`` has the batch as its leading axis
+  (split over the mesh's batch axes) or is shared by all examples
+  (replicated; its gradient is summed over the devices). The kernel must
+  treat examples independently and return a batch-leading array. Without a
+  mesh, or with a batch that does not split evenly, it runs as it is.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else tuple(
+      a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  batch = next(x.shape[0] for x, b in zip(args, batched) if b)
+  if devices == 1 or batch % devices:
+    return kernel(*args)
+  def on_device(*local):
+    # Shared arguments enter as device-varying values: the kernel's (custom)
+    # backward pass gives each device its own part of their gradient, and
+    # the transpose of this cast sums the parts.
+    return kernel(*(x if b else jax.lax.pcast(x, axes, to='varying')
+                    for x, b in zip(local, batched)))
+
+  split, whole = PartitionSpec(axes), PartitionSpec()
+  return jax.shard_map(
+      on_device, in_specs=tuple(split if b else whole for b in batched),
+      out_specs=split, axis_names=set(axes))(*args)
+
+
+def _on_platform(name: str, *args: jax.Array, **static) -> jax.Array:
+  """Kernel ``name`` in its form for the platform the program is lowered for
+  (``IMPLEMENTATIONS``), with ``static`` arguments bound."""
+  cpu, default = (functools.partial(IMPLEMENTATIONS[name][form], **static)
+                  for form in ('cpu', 'default'))
+  return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
+# ---------------------------------------------------------------------------
+# Depthwise convolution, "same" zero padding (torch Conv2d(C, C, k,
+# padding=k // 2, groups=C)).
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Depthwise k x k correlation of NHWC ``x`` with a (k, k, C) kernel,
+  "same" zero padding; in ``x.dtype``, accumulated in float32 at least."""
+  return per_example(functools.partial(_on_platform, 'depthwise_conv'), x,
+                     kernel.astype(x.dtype), batched=(True, False))
+
+
+def _depthwise_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel[:, :, None, :], window_strides=(1, 1),
+      padding=((pad, pad), (pad, pad)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1])
+
+
+def _shifted_sum(padded: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum_{i,j} padded[:, i:i+H, j:j+W, :] * kernel[i, j, :], summed in at
+  least float32: a stride-1 depthwise correlation of a padded NHWC map."""
+  k = kernel.shape[0]
+  h, w = padded.shape[1] - k + 1, padded.shape[2] - k + 1
+  acc = jnp.promote_types(padded.dtype, jnp.float32)
+  out = jnp.zeros((padded.shape[0], h, w, padded.shape[3]), acc)
+  with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
+    for i in range(k):
+      for j in range(k):
+        out = out + (padded[:, i:i + h, j:j + w, :] * kernel[i, j]).astype(
+            acc)
+  return out
+
+
+def _pad_same(x: jax.Array, k: int) -> jax.Array:
+  pad = k // 2
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+@jax.custom_vjp
+def _depthwise_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The sum of the k*k shifted copies of the zero-padded input, each scaled
+  per channel, with a written backward: XLA:CPU runs grouped convolutions
+  20-50x slower than this fused sum at GLNet's shapes (BENCHMARKS.md)."""
+  return _shifted_sum(_pad_same(x, kernel.shape[0]), kernel).astype(x.dtype)
+
+
+def _depthwise_cpu_fwd(x, kernel):
+  return _depthwise_cpu(x, kernel), (x, kernel)
+
+
+def _kernel_grad_taps(padded: jax.Array, g: jax.Array) -> jax.Array:
+  """(k, k, C): sum over (b, y, x) of padded[b, y + i, x + j] * g[b, y, x],
+  the k*k tap reductions of a depthwise kernel gradient, in float32 at least."""
+  h, w = g.shape[1:3]
+  k = padded.shape[1] - h + 1
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  return jnp.stack([
+      jnp.stack([jnp.sum((padded[:, i:i + h, j:j + w, :] * g).astype(acc),
+                         axis=(0, 1, 2)) for j in range(k)])
+      for i in range(k)])
+
+
+# The CPU kernel gradient walks the map in blocks of whole rows of about this
+# many elements (128 KiB of float32 per operand), small enough that a block's
+# k*k tap reductions read it from the core's cache rather than from memory.
+# Maps up to 16 blocks take the k*k reductions in one go.
+KERNEL_GRAD_BLOCK_ELEMENTS = 32768
+
+
+def depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, *,
+                          block_elements: int = KERNEL_GRAD_BLOCK_ELEMENTS
+                          ) -> jax.Array:
+  """Gradient of a "same"-padded depthwise k x k correlation of ``x`` with
+  respect to its (k, k, C) kernel, given the output cotangent ``g``:
+  ``_kernel_grad_taps`` summed over blocks of rows, one block per step of a
+  loop. As k*k whole-map reductions each would read both maps from memory:
+  at GLNet-STL stage 1 (8 x 56 x 56 x 96, k = 5) that took 69 ms, in blocks
+  8.6 ms (BENCHMARKS.md)."""
+  # The barrier keeps XLA from sharing the taps' shifted slices with the
+  # forward's shifted sum: shared, each slice is materialised at full size.
+  padded, g = jax.lax.optimization_barrier((_pad_same(x, k), g))
+  b, h, w, c = g.shape
+  if b * h * w * c <= 16 * block_elements:
+    return _kernel_grad_taps(padded, g)
+  rows = max(r for r in range(1, h + 1)
+             if h % r == 0 and (r * w * c <= block_elements or r == 1))
+  blocks = h // rows
+  halo = padded.shape[1] - h
+
+  def step(n, total):
+    image, y = n // blocks, (n % blocks) * rows
+    return total + _kernel_grad_taps(
+        jax.lax.dynamic_slice(padded, (image, y, 0, 0),
+                              (1, rows + halo, w + halo, c)),
+        jax.lax.dynamic_slice(g, (image, y, 0, 0), (1, rows, w, c)))
+
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  # zeros_like: inside shard_map the sum varies over devices, as g does.
+  return jax.lax.fori_loop(
+      0, b * blocks, step,
+      jnp.zeros_like(g, shape=(halo + 1, halo + 1, c), dtype=acc))
+
+
+def _depthwise_cpu_bwd(residuals, g):
+  # Written out because autodiff of the shifted sum pads and adds k*k
+  # full-size cotangents; here the input gradient is one more shifted sum
+  # (with the flipped kernel).
+  x, kernel = residuals
+  k = kernel.shape[0]
+  dx = _shifted_sum(_pad_same(g, k), kernel[::-1, ::-1]).astype(x.dtype)
+  return dx, depthwise_kernel_grad(x, g, k).astype(kernel.dtype)
+
+
+_depthwise_cpu.defvjp(_depthwise_cpu_fwd, _depthwise_cpu_bwd)
+
+
+# ---------------------------------------------------------------------------
+# ACmix's convolution path: the FC over head maps and the grouped shift conv.
+
+
+def head_map_fc(parts: tuple[jax.Array, ...], kernel: jax.Array
+                ) -> jax.Array:
+  """f[..., c, t] = sum_m W[m, t] F_m[..., c] over the 3N head maps
+  m = part * N + head (parts q, k, v, each (..., N, d); ``kernel`` (3N, 9)
+  in their dtype): (..., d, 9)."""
+  return _on_platform('head_map_fc', parts, kernel)
+
+
+def _head_map_fc_xla(parts, kernel):
+  heads = parts[0].shape[-2]
+  return sum(jnp.einsum('...nc,nt->...ct', p, kernel[i * heads:(i + 1) * heads])
+             for i, p in enumerate(parts))
+
+
+def _head_map_fc_cpu(parts, kernel):
+  # A 3N x 9 contraction is far too small for a matmul on XLA:CPU: one fused
+  # element-wise pass over the 3N terms, and no stacked 3N copy is built.
+  heads = parts[0].shape[-2]
+  with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
+    return sum(p[..., n, :, None] * kernel[i * heads + n]
+               for i, p in enumerate(parts) for n in range(heads))
+
+
+# Up to this many groups, the CPU ``dep_conv`` is a dense conv with a
+# block-diagonal kernel: d times the MACs, but on XLA:CPU's fast dense conv it
+# beats the grouped conv 2-7x (measured at d = 16 and 32, 14-56 px maps).
+DENSE_DEP_CONV_MAX_GROUPS = 32
+
+
+def grouped_shift_conv(f: jax.Array, kernel: jax.Array, stride: int
+                       ) -> jax.Array:
+  """3x3 conv of ``f`` (B, H, W, d, 9), torch's 9d channels c * 9 + t, in d
+  groups of 9 inputs with ``kernel`` (3, 3, 9, O) (output channel
+  o = c * O / d + j, XLA's contiguous grouping); zero padding 1, ``stride``.
+  """
+  return _on_platform('grouped_shift_conv', f, kernel, stride=stride)
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array, stride: int,
+             groups: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+
+def _grouped_shift_conv_xla(f, kernel, *, stride):
+  b, h, w, groups, taps = f.shape
+  return _conv3x3(f.reshape(b, h, w, groups * taps), kernel, stride, groups)
+
+
+def _grouped_shift_conv_cpu(f, kernel, *, stride):
+  b, h, w, groups, taps = f.shape
+  if groups > DENSE_DEP_CONV_MAX_GROUPS:
+    return _grouped_shift_conv_xla(f, kernel, stride=stride)
+  features = kernel.shape[-1]
+  per_group = kernel.reshape(3, 3, taps, groups, features // groups)
+  dense = jnp.einsum('pqtcj,ce->pqctej', per_group,
+                     jnp.eye(groups, dtype=kernel.dtype))
+  return _conv3x3(f.reshape(b, h, w, groups * taps),
+                  dense.reshape(3, 3, groups * taps, features), stride, 1)
+
+
+# ---------------------------------------------------------------------------
+# ACmix-ResNet's 7x7 local attention.
+
+ATT_KERNEL = 7  # k_att: the sliding window is 7x7
+ATT_PAD = ATT_KERNEL // 2  # reflection padding; maps must be larger than it
+OFFSETS = ATT_KERNEL**2
+
+
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array,
+                    *, heads: int, stride: int) -> jax.Array:
+  """7x7 sliding-window attention with relative positions (paper Eq. 5).
+
+  For head n and the query at input position (s*i, s*j), with window offsets
+  (a, b) in [-3, 3]^2 and keys at (s*i + a, s*j + b) reflected at borders:
+    logit = < d^-1/2 q , k(key) + pe(query) - pe(key) >,
+    out   = sum_window softmax(logit) * v(key).
+  Two passes over the 49 offsets, each offset a strided window of the
+  reflection-padded k, v and pe: no (..., 49, d) unfolded tensor exists
+  (the official code unfolds k and v 49-fold). The only 49-sized tensors are
+  the logits and their softmax, 49/d of the output size.
+
+  Args:
+    q, k, v: (B, H, W, C) projections at the input resolution, q unscaled.
+    pe: (H, W, d) positional projection ``conv_p`` of the coordinate grid.
+    heads: N; C = N * d with head-major channels.
+    stride: 1 or 2; applied late, by subsampling the queries.
+
+  Returns:
+    (B, H // stride, W // stride, C), head-major channels.
+  """
+  body = functools.partial(_on_platform, 'local_attention', heads=heads,
+                           stride=stride)
+  return per_example(body, q, k, v, pe, batched=(True, True, True, False))
+
+
+def _reflect_pad(t: jax.Array, axes: tuple[int, int]) -> jax.Array:
+  pad = [(0, 0)] * t.ndim
+  for axis in axes:
+    pad[axis] = (ATT_PAD, ATT_PAD)
+  return jnp.pad(t, pad, mode='reflect')
+
+
+def _window(t: jax.Array, offset: int, axes: tuple[int, int], out_hw,
+            stride: int) -> jax.Array:
+  """The keys at ``offset`` of every (strided) query: a strided window of the
+  padded ``t`` along its two spatial ``axes``."""
+  start, limit, strides = [0] * t.ndim, list(t.shape), [1] * t.ndim
+  for axis, first, size in zip(axes, divmod(offset, ATT_KERNEL), out_hw):
+    start[axis], strides[axis] = first, stride
+    limit[axis] = first + stride * (size - 1) + 1
+  return jax.lax.slice(t, start, limit, strides)
+
+
+def _local_attention_xla(q, k, v, pe, *, heads, stride):
+  # NHWC with heads split, (B, H, W, N, d): the window offsets unrolled, the
+  # sum over d a minor-axis reduction; no loop.
+  b, h, w, c = q.shape
+  d = c // heads
+  ho, wo = h // stride, w // stride
+  split = lambda t: t.reshape(b, h, w, heads, d)
+  q_hat = split(q)[:, ::stride, ::stride] * (d**-0.5)
+  k_pad, v_pad = (_reflect_pad(split(t), (1, 2)) for t in (k, v))
+  pe_pad = _reflect_pad(pe, (0, 1))[:, :, None, :]  # (H + 6, W + 6, 1, d)
+  pe_query = pe[::stride, ::stride, None, :]
+  window = functools.partial(_window, out_hw=(ho, wo), stride=stride)
+  # Sums in float32: the 49 logits' sums over d, and the 49 weighted values.
+  with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
+    logits = jnp.stack([
+        jnp.sum(q_hat * (window(k_pad, o, (1, 2)) + pe_query
+                         - window(pe_pad, o, (0, 1))), axis=-1,
+                dtype=jnp.float32)
+        for o in range(OFFSETS)], axis=-1)  # (B, Ho, Wo, N, 49)
+  attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.zeros(q_hat.shape, jnp.float32)
+  with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
+    for o in range(OFFSETS):
+      out = out + (attn[..., o, None] * window(v_pad, o, (1, 2))).astype(
+          jnp.float32)
+  return out.astype(v.dtype).reshape(b, ho, wo, c)
+
+
+# Elements of q per tile of (image, head) slabs that the CPU local attention
+# processes at once: small enough that its 98 passes over the offsets run from
+# cache (a 2 MiB L2 on the machine it was tuned on), large enough to keep the
+# cores busy.
+LOCAL_ATTENTION_TILE = 200_000
+
+
+def _local_attention_cpu(q, k, v, pe, *, heads, stride):
+  # Loops over tiles of (image, head) slabs, and within a slab over the
+  # offsets; the tile body and both offset bodies are rematerialised, so
+  # under jax.grad no per-offset residual is stored. Slabs are channel-major,
+  # (d, H, W): the sum over d runs over a major axis and vectorises along W
+  # (an innermost-axis sum over d is several times slower on CPU).
+  b, h, w, c = q.shape
+  d = c // heads
+  ho, wo = h // stride, w // stride
+
+  def slabs(t):  # (B, H, W, N * d) -> (B * N, d, H, W)
+    return t.reshape(b, h, w, heads, d).transpose(0, 3, 4, 1, 2).reshape(
+        b * heads, d, h, w)
+
+  q_hat = slabs(q)[..., ::stride, ::stride] * (d**-0.5)
+  k_pad, v_pad = (_reflect_pad(slabs(t), (2, 3)) for t in (k, v))
+  pe = pe.transpose(2, 0, 1)  # (d, H, W)
+  pe_pad = _reflect_pad(pe, (1, 2))
+  pe_query = pe[:, ::stride, ::stride]
+
+  def window(t, offset):  # (d, Ho, Wo): the keys at ``offset`` of each query
+    size = (d, stride * (ho - 1) + 1, stride * (wo - 1) + 1)
+    start = (0, offset // ATT_KERNEL, offset % ATT_KERNEL)
+    return jax.lax.dynamic_slice(t, start, size)[:, ::stride, ::stride]
+
+  @jax.checkpoint
+  def attend(slab):  # one (image, head): (d, Ho, Wo), (d, H + 6, W + 6) x 2
+    q_s, k_s, v_s = slab
+
+    @jax.checkpoint
+    def logit(offset):  # (Ho, Wo)
+      return jnp.sum(q_s * (window(k_s, offset) + pe_query
+                            - window(pe_pad, offset)), axis=0)
+
+    @jax.checkpoint
+    def accumulate(offset, out):
+      return out + attn[offset] * window(v_s, offset)
+
+    logits = jax.lax.map(logit, jnp.arange(OFFSETS))  # (49, Ho, Wo)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=0).astype(
+        v_s.dtype)
+    return jax.lax.fori_loop(0, OFFSETS, accumulate, jnp.zeros_like(q_s))
+
+  tile = max(1, round(LOCAL_ATTENTION_TILE / (d * ho * wo)))
+  out = jax.lax.map(attend, (q_hat, k_pad, v_pad), batch_size=tile)
+  return out.reshape(b, heads, d, ho, wo).transpose(0, 3, 4, 1, 2).reshape(
+      b, ho, wo, c)
+
+
+# Each kernel's forms: ``'default'``, the standard XLA form (GPU, TPU), and
+# ``'cpu'``, the form tuned on XLA:CPU. They compute the same function
+# (tests/test_kernels.py: values and gradients).
+IMPLEMENTATIONS: dict[str, dict[str, Callable[..., jax.Array]]] = {
+    'depthwise_conv': {'cpu': _depthwise_cpu, 'default': _depthwise_xla},
+    'head_map_fc': {'cpu': _head_map_fc_cpu, 'default': _head_map_fc_xla},
+    'grouped_shift_conv': {'cpu': _grouped_shift_conv_cpu,
+                           'default': _grouped_shift_conv_xla},
+    'local_attention': {'cpu': _local_attention_cpu,
+                        'default': _local_attention_xla},
+}
