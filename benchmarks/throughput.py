@@ -27,6 +27,15 @@ speed-up is the median over rounds of official / ours seconds: on a shared
 machine whose load drifts, timing one after the other moved the ratio by
 +-10 %.
 
+On a GPU or TPU, the accelerator measurement (bfloat16, batch 128 per
+device, glnet_stl, glnet_4g, acmix_resnet50, acmix_swin_t; sized for 10 minutes
+on one GPU, not yet run on one) is one command::
+
+  PYTHONPATH=. python benchmarks/throughput.py --preset accelerator \
+      --json accelerator.json
+
+On the CPU, against the official code::
+
   PYTHONPATH=. python benchmarks/throughput.py --models glnet_stl \
       --batch 8 --size 224 --dtype float32 --modes forward train \
       [--override remat=full --override scan_blocks=True] \
@@ -57,10 +66,32 @@ import ml_collections
 import numpy as np
 import optax
 
+from configs import common
 from glmix_jax import models, train_lib
 from glmix_jax.models import summary
 
 MODES = ('forward', 'train')
+# ``--preset accelerator``: the issue's GPU / TPU measurement in one command
+# (bfloat16, the four headline models, a per-device batch that fits in 16 GB).
+ACCELERATOR_PRESET = dict(
+    models=['glnet_stl', 'glnet_4g', 'acmix_resnet50', 'acmix_swin_t'],
+    dtype='bfloat16', batch=128, repeats=10, matmul_size=8192)
+# Dense bfloat16 peak FLOP/s per chip from the vendors' data sheets (no
+# sparsity), by a substring of ``device.device_kind``: MFU over these is the
+# figure papers quote; MFU over the measured matmul peak says how close the
+# model's products run to the best this chip does with XLA.
+PEAK_BF16_FLOPS = {
+    'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12,
+    'L4': 121e12, 'A10G': 70e12, 'TPU v6': 918e12, 'TPU v5p': 459e12,
+    'TPU v5': 197e12, 'TPU v4': 275e12,
+}
+
+
+def table_peak_flops(device) -> float | None:
+  """The data-sheet dense bfloat16 peak of ``device``, if in the table."""
+  kind = device.device_kind
+  return next((peak for name, peak in PEAK_BF16_FLOPS.items()
+               if name in kind), None)
 _TORCH_SCRIPT = pathlib.Path(__file__).with_name('torch_official.py')
 
 
@@ -151,13 +182,12 @@ def _train(model, images, seed: int = 0):
       False))()
   labels = jnp.arange(images.shape[0]) % 1000
   batch = dict(image=images, label=labels)
-  no_mix = ml_collections.FrozenConfigDict(dict(
-      mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=0.0, switch_prob=0.0,
-      label_smoothing=0.0, label_smoothing_spread='eps_over_k'))
-  step = jax.jit(functools.partial(
-      train_lib.train_step, model=model, tx=tx, schedule=lambda s: 1e-3,
-      mix_config=no_mix, num_classes=model.num_classes, seed=seed,
-      ema_decay=0.0), donate_argnums=(0,))
+  augmentation = common.deit_augmentation()
+  augmentation.update(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
+  config = ml_collections.ConfigDict(dict(
+      augmentation=augmentation, data=dict(num_classes=model.num_classes),
+      seed=seed, ema_decay=0.0))
+  step = train_lib.make_train_step(config, model, tx, lambda s: 1e-3)
   compiled, compile_times = _compile(step, state, batch)
   holder = [state]
 
@@ -261,25 +291,32 @@ def _mib(n: int | None) -> str:
   return '-' if n is None else f'{n / 2**20:.0f}'
 
 
-def format_row(name: str, mode: str, r: dict, peak_flops: float) -> str:
+def format_row(name: str, mode: str, r: dict, peak_flops: float,
+               table_peak: float | None = None) -> str:
+  """A table row; MFU over the measured ``peak_flops`` and, when known, over
+  the chip's data-sheet ``table_peak``."""
   ours = r['jax']
   memory = ours['device_peak_bytes'] or ours['compiled_peak_bytes']
   timing = '| - | - |'
   if 'median_s' in ours:
     timing = (f'| {ours["images_per_s"]:.2f} | {ours["median_s"]:.3f} '
               f'({ours["min_s"]:.3f}-{ours["max_s"]:.3f}) |')
-  mfu = ('-' if 'median_s' not in ours else
-         f'{100 * ours["flops"] / ours["median_s"] / peak_flops:.1f}%')
+  mfu = lambda peak: ('-' if 'median_s' not in ours or not peak else
+                      f'{100 * ours["flops"] / ours["median_s"] / peak:.1f}%')
   row = (f'| {name} | {mode} {timing} {ours["compile_s"]:.1f} '
          f'({ours["compile_cpu_s"]:.1f}) | '
-         f'{_mib(memory)} | {mfu} |')
+         f'{_mib(memory)} | {mfu(peak_flops)} | {mfu(table_peak)} |')
   if 'speedup' in r:
     row += f' {r["torch"]["images_per_s"]:.2f} | {r["speedup"]:.2f}x |'
   return row
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, with ``--preset``'s defaults."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--preset', choices=['accelerator'], default=None,
+                      help='accelerator: bf16, batch 128, the four headline '
+                      'models (flags given explicitly still win)')
   parser.add_argument('--models', nargs='+', default=['glnet_stl'])
   parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
   parser.add_argument('--batch', type=int, default=8)
@@ -295,24 +332,34 @@ def main(argv=None):
                       help='official checkouts: GLMix and/or ACmix')
   parser.add_argument('--torch_threads', type=int, default=os.cpu_count())
   parser.add_argument('--json', default=None)
-  args = parser.parse_args(argv)
+  if args_preset(argv) == 'accelerator':
+    parser.set_defaults(**ACCELERATOR_PRESET)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   overrides = parse_overrides(args.override)
   device = jax.devices()[0]
   peak = matmul_peak_flops(jnp.dtype(args.dtype), args.matmul_size, 5)
+  table_peak = (table_peak_flops(device) if args.dtype == 'bfloat16'
+                else None)
   header = dict(
       date=datetime.date.today().isoformat(), jax=jax.__version__,
       device=f'{device.platform}: {device.device_kind}',
       cpu_count=os.cpu_count(), host=platform.processor() or platform.machine(),
       load_average=os.getloadavg(), batch=args.batch, size=args.size,
       dtype=args.dtype, repeats=args.repeats, overrides=overrides,
-      matmul_peak_flops=peak)
+      matmul_peak_flops=peak, table_peak_flops=table_peak)
   print(f'{header["device"]}, jax {jax.__version__}, batch {args.batch}, '
         f'{args.size}x{args.size}, {args.dtype}, overrides {overrides}; '
-        f'measured matmul peak {peak / 1e9:.1f} GFLOP/s; load '
-        f'{header["load_average"][0]:.1f}', flush=True)
+        f'measured matmul peak {peak / 1e9:.1f} GFLOP/s; data-sheet peak '
+        f'{"-" if table_peak is None else f"{table_peak / 1e12:.0f} TFLOP/s"}'
+        f'; load {header["load_average"][0]:.1f}', flush=True)
   print('| model | mode | img/s | s/batch (min-max) | compile s (CPU s) '
-        '| peak MiB | MFU | official img/s | speed-up |\n'
-        '|---|---|---:|---|---:|---:|---:|---:|---:|', flush=True)
+        '| peak MiB | MFU (measured peak) | MFU (data sheet) '
+        '| official img/s | speed-up |\n'
+        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|', flush=True)
   results = {}
   for name in args.models:
     for mode in args.modes:
@@ -323,11 +370,19 @@ def main(argv=None):
           official=_official_checkout(args.official, name),
           torch_threads=args.torch_threads)
       results[f'{name}/{mode}'] = r
-      print(format_row(name, mode, r, peak), flush=True)
+      print(format_row(name, mode, r, peak, table_peak), flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(
         dict(header, load_average_end=os.getloadavg(), results=results),
         indent=1))
+
+
+def args_preset(argv) -> str | None:
+  """The ``--preset`` of ``argv`` (sys.argv when None), read before the
+  other flags so that it sets their defaults."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument('--preset', default=None)
+  return pre.parse_known_args(argv)[0].preset
 
 
 def _official_checkout(checkouts: list[str], name: str) -> str | None:

@@ -45,7 +45,9 @@ def loop(**overrides) -> dict:
       keep_checkpoint_every=0,  # also keep every N-th step; 0: none
       max_bad_steps=0,  # non-finite steps skipped before the run stops
       grad_accum_steps=1,  # > 1: global_batch_size over this many passes
-      fsdp=False,  # shard parameters and optimizer state over the devices
+      # (data, fsdp) devices; F = fsdp > 1 shards parameters, optimizer
+      # state and EMA over groups of F devices (FSDP); -1: the rest.
+      mesh_shape=(-1, 1),
       **overrides)
 
 
@@ -67,7 +69,7 @@ def with_args(config: ml_collections.ConfigDict,
                        image_size=config.data.image_size),
         num_classes=10, train_split='train[:90%]', eval_split='train[90%:]',
         num_threads=4)
-    config.augmentation.repeated_augmentation = 1
+    config.augmentation.update(repeated_augmentation=1, mix_group_size=2)
     config.model.dtype = 'float32'
     config.update(total_steps=20, warmup_epochs=0, global_batch_size=16,
                   log_steps=1, checkpoint_steps=10, eval_steps=0)
@@ -105,7 +107,11 @@ def deit_augmentation() -> ml_collections.ConfigDict:
       mixup_alpha=0.8,
       cutmix_alpha=1.0,
       mix_prob=1.0,
-      mix_switch_prob=0.5,  # Mixup or CutMix per batch
+      mix_switch_prob=0.5,  # Mixup or CutMix per group
+      # timm mixes within each GPU's batch: groups of this many consecutive
+      # examples (128 per GPU in the recipes); must divide the per-device
+      # batch (glmix_jax.data.mix).
+      mix_group_size=128,
       label_smoothing=0.1,  # folded into the mixed targets, as timm does
       label_smoothing_spread='eps_over_k',  # timm: eps / K to every class
       repeated_augmentation=3,  # DeiT RASampler: 3 augmented copies per image
@@ -223,6 +229,7 @@ def acmix_resnet_recipe(model_name: str) -> ml_collections.ConfigDict:
           cutmix_alpha=0.0,
           mix_prob=0.0,
           mix_switch_prob=0.0,
+          mix_group_size=128,
           # main.py smooth_loss: 1 - eps on the target and eps / (K - 1) on
           # every other class, not timm's eps / K spread.
           label_smoothing=0.1,

@@ -16,7 +16,8 @@ def get_config():
   config.data.update(synthetic=dict(classes=4, images_per_class=24,
                                     image_size=32, val_images=4),
                      num_classes=4, image_size=32, num_threads=2)
-  config.augmentation.update(mixup_alpha=0.8, cutmix_alpha=1.0)
+  config.augmentation.update(mixup_alpha=0.8, cutmix_alpha=1.0,
+                             mix_group_size=2)
   config.update(total_steps=12, warmup_epochs=1, global_batch_size=16,
                 ema_decay=0.99, log_steps=1, checkpoint_steps=4)
   return config

@@ -27,7 +27,7 @@ EXECUTION_FIELDS = frozenset({
     'log_steps', 'eval_steps',  # reporting cadence
     'checkpoint_steps', 'keep_checkpoints', 'keep_checkpoint_every',
     'max_bad_steps',  # how many skipped non-finite steps to tolerate
-    'fsdp',  # where the state lives, not what it is
+    'mesh_shape',  # where the state lives, not what it is
     'model.remat', 'model.scan_blocks',  # memory trades, same function
 })
 

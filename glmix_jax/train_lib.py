@@ -4,10 +4,11 @@
 loop (``train_and_evaluate``) only wires the config, the data, the mesh,
 checkpoints and metrics around them.
 
-Parallelism: one ``jax.jit`` over a 1-D ``'data'`` mesh of all devices of all
-processes; batches are sharded over it, the state is replicated. BatchNorm
-statistics are therefore those of the global batch (SyncBN), unlike the
-per-GPU BN of the official DDP runs (GLNet uses BN only in the stem, the
+Parallelism: one ``jax.jit`` over the ``'data'`` x ``'fsdp'`` mesh of all
+devices of all processes (``sharding``); batches are split over all devices,
+the state is replicated, or with FSDP split over the ``'fsdp'`` axis.
+BatchNorm statistics are therefore those of the global batch (SyncBN), unlike
+the per-GPU BN of the official DDP runs (GLNet uses BN only in the stem, the
 transitions and the final norm).
 
 Exact resume: the data stream is a pure function of (seed, step) and every
@@ -74,27 +75,31 @@ def init_state(model, tx: optax.GradientTransformation, image_shape,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
                tx: optax.GradientTransformation, schedule: optim.Schedule,
-               mix_config: ml_collections.FrozenConfigDict, num_classes: int,
-               seed: int, ema_decay: float,
-               accum_steps: int = 1) -> tuple[TrainState, dict]:
+               mix_settings: mix.MixSettings, num_classes: int,
+               seed: int, ema_decay: float, accum_steps: int = 1,
+               param_shardings: Any = None) -> tuple[TrainState, dict]:
   """One step on a global (micro-)batch; skips the update if non-finite.
 
-  With ``accum_steps`` > 1, ``tx`` is an ``optax.MultiSteps``: parameters and
-  EMA change on every ``accum_steps``-th call, with the mean gradient.
+  With mixing on, ``batch`` holds the step's ``mix.draw`` fields. With
+  ``accum_steps`` > 1, ``tx`` is an ``optax.MultiSteps``: parameters and EMA
+  change on every ``accum_steps``-th call, with the mean gradient. With
+  ``param_shardings`` (FSDP), split weights are gathered in the compute
+  dtype (``sharding.gathered_in``).
   """
-  rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-  mix_rng, dropout_rng = jax.random.split(rng)
-  if mix_config.mixup_alpha or mix_config.cutmix_alpha:
+  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+  if mix_settings.enabled:
     images, targets = mix.mix_batch(
-        mix_rng, batch['image'], batch['label'], num_classes=num_classes,
-        **mix_config)
+        batch['image'], batch['label'],
+        {k: batch[k] for k in mix.PARAM_FIELDS}, mix_settings, num_classes)
   else:
     images = batch['image']
     targets = mix.smooth_targets(batch['label'], num_classes,
-                                 mix_config.label_smoothing,
-                                 mix_config.label_smoothing_spread)
+                                 mix_settings.label_smoothing,
+                                 mix_settings.spread)
 
   def loss_fn(params):
+    if param_shardings is not None:
+      params = sharding.gathered_in(params, param_shardings, model.dtype)
     logits, updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
@@ -123,14 +128,68 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   def skip(state):  # a non-finite step changes nothing but the data position
     return state.replace(step=state.step + 1, bad_steps=state.bad_steps + 1)
 
-  # A branch rather than a select of the two states: the update writes the
-  # new state once, instead of once more through a select over every array.
-  new = jax.lax.cond(finite, apply_update, skip, state)
+  new = _choose(finite, apply_update, skip, state)
   return new, dict(
       loss=loss, grad_norm=grad_norm, lr=schedule(state.step // accum_steps),
       param_norm=optax.tree.norm(new.params), finite=finite,
       bad_steps=new.bad_steps,
       accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)))
+
+
+def _choose(pred: jax.Array, if_true: Callable, if_false: Callable,
+            state: TrainState) -> TrainState:
+  """``if_true(state)`` where ``pred``, else ``if_false(state)``.
+
+  On CPU a branch: the update writes the new state once, instead of once
+  more through a select over every array. On GPU a conditional reads its
+  predicate back to the host each step, a sync that stalls the queue of
+  launches, so there (and on TPU) both sides are computed and selected.
+  """
+  def select(state):
+    return jax.tree_util.tree_map(functools.partial(jnp.where, pred),
+                                  if_true(state), if_false(state))
+  return jax.lax.platform_dependent(
+      state, cpu=lambda s: jax.lax.cond(pred, if_true, if_false, s),
+      default=select)
+
+
+def make_train_step(config: ml_collections.ConfigDict, model,
+                    tx: optax.GradientTransformation,
+                    schedule: optim.Schedule, *, accum_steps: int = 1,
+                    mesh: jax.sharding.Mesh | None = None,
+                    shardings: Any = None, donate: bool = True) -> Callable:
+  """``config``'s jitted ``train_step(state, batch) -> (state, metrics)``.
+
+  With a ``mesh``, the step is traced on it (the kernels split the batch
+  over its devices, ``models.kernels.per_example``), takes batches split
+  over its batch axes and keeps the state in ``shardings`` (replicated if
+  None). ``donate``: the input state's buffers are reused for the output.
+  """
+  split = shardings is not None and sharding.fsdp_split(shardings)
+  step = functools.partial(
+      train_step, model=model, tx=tx, schedule=schedule,
+      mix_settings=mix.MixSettings.from_config(config.augmentation),
+      num_classes=config.data.num_classes, seed=config.seed,
+      ema_decay=config.ema_decay, accum_steps=accum_steps,
+      param_shardings=shardings.params if split else None)
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      sharding.traced_on(mesh, step),
+      in_shardings=(replicated if shardings is None else shardings,
+                    sharding.batch_sharding(mesh)),
+      out_shardings=(replicated if shardings is None else shardings,
+                     replicated),
+      donate_argnums=donate_argnums)
+
+
+def make_eval_step(model, mesh: jax.sharding.Mesh) -> Callable:
+  """The jitted ``eval_step(params, batch_stats, batch)``, traced on
+  ``mesh``."""
+  return jax.jit(sharding.traced_on(
+      mesh, functools.partial(eval_step, model=model)))
 
 
 def eval_step(params, batch_stats, batch: dict[str, jax.Array], *,
@@ -216,6 +275,9 @@ def _plan(config, num_records: int) -> _Plan:
                      f'grad_accum_steps={accum}.')
   pipeline.check_batch_size(batch // accum, jax.process_count(),
                             jax.local_device_count())
+  settings = mix.MixSettings.from_config(config.augmentation)
+  if settings.enabled:
+    settings.check(batch // accum // jax.device_count())
   steps_per_epoch = max(num_records // batch, 1)
   if config.get('total_steps'):
     total = config.total_steps
@@ -242,28 +304,6 @@ def recipe_optimizer(config, plan: _Plan, abstract_params
   return schedule, tx
 
 
-def state_shardings(abstract_state: Any, mesh, fsdp: bool) -> Any:
-  """Replicated state, or (``fsdp``) every array split over ``'data'`` along
-  its largest axis divisible by the device count (ZeRO-3 style: parameters,
-  optimizer state and EMA each live once across the devices; XLA gathers
-  them where a layer needs them)."""
-  devices = mesh.size
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def spec(x):
-    for axis in sorted(range(x.ndim), key=lambda a: -x.shape[a]):
-      if x.shape[axis] % devices == 0 and x.shape[axis] >= devices:
-        parts = [None] * x.ndim
-        parts[axis] = sharding.DATA_AXIS
-        return NamedSharding(mesh, PartitionSpec(*parts))
-    return replicated
-
-  if not fsdp:
-    return jax.tree_util.tree_map(lambda x: replicated, abstract_state)
-
-  return jax.tree_util.tree_map(spec, abstract_state)
-
-
 def build_model(config: ml_collections.ConfigDict):
   return models.build(config.model_name, num_classes=config.data.num_classes,
                       **config.model.to_dict())
@@ -274,7 +314,7 @@ def _init_or_restore(config, model, tx, image_shape, mesh, checkpoints):
   shardings."""
   make_state = functools.partial(init_state, model, tx, image_shape,
                                  config.seed, bool(config.ema_decay))
-  shardings = state_shardings(jax.eval_shape(make_state), mesh, config.fsdp)
+  shardings = sharding.state_shardings(jax.eval_shape(make_state), mesh)
   init = jax.jit(make_state, out_shardings=shardings)
   state = checkpoints.restore_latest(jax.eval_shape(init))
   return (init() if state is None else state), shardings
@@ -310,7 +350,7 @@ def train_and_evaluate(
   if checkpoint.saved_steps(workdir):  # first: a resume must be the same run
     resume.check_resumable(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.mesh_shape)
   model = build_model(config)
   if getattr(model, 'token_label_head', False):
     raise ValueError(
@@ -346,15 +386,10 @@ def train_and_evaluate(
       writer.write_json(resume.CONFIG_FILE, resume.as_saved(config))
       _announce(config, plan)
 
-    step_fn = jax.jit(functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule,
-        mix_config=ml_collections.FrozenConfigDict(_mix_fields(config)),
-        num_classes=config.data.num_classes, seed=config.seed,
-        ema_decay=config.ema_decay, accum_steps=plan.accum_steps),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model=model))
+    step_fn = make_train_step(config, model, tx, schedule,
+                              accum_steps=plan.accum_steps, mesh=mesh,
+                              shardings=shardings)
+    eval_fn = make_eval_step(model, mesh)
     batches = sharding.device_batches(
         data_input.train_batches(config, train_source, start_step=start,
                                  global_batch=plan.pass_batch), mesh)
@@ -444,7 +479,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
                             jax.local_device_count())
   source = pipeline.open_split(config.data.dataset, config.data.eval_split,
                                data_input.data_dir(config, workdir or '.'))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  eval_fn = make_eval_step(model, mesh)
   weights, batch_stats = jax.device_put((weights, batch_stats), replicated)
   results = evaluate_weights(
       eval_fn, weights, batch_stats,
@@ -477,10 +512,3 @@ def _check_finite(step: int, step_metrics: dict, *, max_bad: int,
   print(f'warning: step {step} was non-finite and skipped ({bad} of at most '
         f'{max_bad}).', flush=True)
 
-
-def _mix_fields(config) -> dict:
-  aug = config.augmentation
-  return dict(mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
-              mix_prob=aug.mix_prob, switch_prob=aug.mix_switch_prob,
-              label_smoothing=aug.label_smoothing,
-              label_smoothing_spread=aug.label_smoothing_spread)

@@ -44,3 +44,19 @@ def test_calls_alternate_and_the_speedup_pairs_their_rounds():
   assert timing['jax']['times_s'] == [1.0, 1.0, 3.0, 3.0]
   assert timing['torch']['min_s'] == 2.0 and timing['torch']['max_s'] == 6.0
   assert throughput.paired_ratio(timing['torch'], timing['jax']) == 2.0
+
+
+def test_accelerator_preset_sets_defaults_that_flags_override():
+  args = throughput.parse_args(['--preset', 'accelerator', '--batch', '32'])
+  assert args.models == ['glnet_stl', 'glnet_4g', 'acmix_resnet50',
+                         'acmix_swin_t']
+  assert (args.dtype, args.batch) == ('bfloat16', 32)
+  assert throughput.parse_args([]).dtype == 'float32'
+
+
+def test_data_sheet_peak_is_found_by_device_kind():
+  device = lambda kind: type('Device', (), dict(device_kind=kind))
+  assert throughput.table_peak_flops(device('NVIDIA H100 80GB HBM3')) == 989e12
+  assert throughput.table_peak_flops(device('TPU v5 lite')) == 197e12
+  assert throughput.table_peak_flops(device('TPU v5p')) == 459e12
+  assert throughput.table_peak_flops(device('cpu')) is None

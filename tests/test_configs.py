@@ -99,7 +99,8 @@ def test_resume_allows_only_execution_fields_to_change(name):
   assert resume.EXECUTION_FIELDS <= flat.keys() | {'model.remat',
                                                     'model.scan_blocks'}
   changed = config.copy_and_resolve_references()
-  changed.update(log_steps=7, checkpoint_steps=9, max_bad_steps=3, fsdp=True)
+  changed.update(log_steps=7, checkpoint_steps=9, max_bad_steps=3,
+                 mesh_shape=(2, 4))
   changed.data.update(data_dir='/elsewhere', num_threads=3)
   assert resume.changed_fields(saved, resume.as_saved(changed)) == []
   changed.optimizer.lr = 1.0

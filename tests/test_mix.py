@@ -1,4 +1,5 @@
-"""Mixup / CutMix / label smoothing on device (glmix_jax.data.mix)."""
+"""Mixup / CutMix / label smoothing: drawn on the host, applied on device
+(glmix_jax.data.mix)."""
 
 import functools
 
@@ -8,10 +9,13 @@ import numpy as np
 import optax
 import pytest
 
+import hlo
+
 from glmix_jax.data import mix
 
 K = 10
 B, H, W = 8, 12, 10
+G = 4  # two mixing groups of four
 
 
 def _batch():
@@ -22,11 +26,23 @@ def _batch():
   return images, labels
 
 
-def _mix(key, images, labels, **overrides):
-  kwargs = dict(num_classes=K, mixup_alpha=0.8, cutmix_alpha=1.0,
-                mix_prob=1.0, switch_prob=0.5, label_smoothing=0.1)
-  kwargs.update(overrides)
-  return mix.mix_batch(key, images, labels, **kwargs)
+def _settings(**overrides):
+  fields = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
+                label_smoothing=0.1, group_size=G)
+  fields.update(overrides)
+  return mix.MixSettings(**fields)
+
+
+def _mix(step, images, labels, **overrides):
+  settings = _settings(**overrides)
+  params = mix.draw(settings, seed=0, step=step, batch=len(images),
+                    height=images.shape[1], width=images.shape[2])
+  out, targets = mix.mix_batch(images, labels, params, settings, K)
+  return out, targets, params
+
+
+# Image i's partner: the mirror image within its group of G.
+PARTNER = np.arange(B) // G * G + (G - 1 - np.arange(B) % G)
 
 
 def test_smooth_targets_values_exact():
@@ -58,87 +74,102 @@ def test_smooth_targets_acmix_resnet_spread():
 
 def test_no_mixing_when_prob_zero():
   images, labels = _batch()
-  out, targets = _mix(jax.random.key(0), images, labels, mix_prob=0.0)
+  out, targets, _ = _mix(0, images, labels, prob=0.0)
   np.testing.assert_array_equal(out, images)
   np.testing.assert_array_equal(targets, mix.smooth_targets(labels, K, 0.1))
 
 
-@pytest.mark.parametrize('seed', range(4))
-def test_mixup_blends_with_reversed_batch(seed):
+@pytest.mark.parametrize('step', range(4))
+def test_mixup_blends_each_group_with_itself_reversed(step):
   images, labels = _batch()
-  out, targets = _mix(jax.random.key(seed), images, labels, cutmix_alpha=0.0,
-                      label_smoothing=0.0)
-  lam = float(targets[0, labels[0]])
-  assert 0.0 < lam < 1.0
-  expected = lam * images + (1 - lam) * images[::-1]
+  out, targets, params = _mix(step, images, labels, cutmix_alpha=0.0,
+                              label_smoothing=0.0)
+  lam = np.repeat(params['mix_lam'], G)  # one lambda per group
+  assert np.all((0 < lam) & (lam < 1)) and len(set(params['mix_lam'])) == 2
+  expected = (lam[:, None, None, None] * images
+              + (1 - lam[:, None, None, None]) * images[PARTNER])
   np.testing.assert_allclose(out, expected, rtol=1e-6)
-  # Partner of image i is B-1-i, weighted 1 - lam; one lam for the batch.
-  np.testing.assert_allclose(targets[np.arange(B), labels[::-1]], 1 - lam,
-                             rtol=1e-6)
   np.testing.assert_allclose(targets[np.arange(B), labels], lam, rtol=1e-6)
+  np.testing.assert_allclose(targets[np.arange(B), labels[PARTNER]], 1 - lam,
+                             rtol=1e-6)
 
 
-@pytest.mark.parametrize('seed', range(6))
-def test_cutmix_lambda_is_pasted_area_fraction(seed):
+@pytest.mark.parametrize('step', range(6))
+def test_cutmix_pastes_one_box_per_group_with_its_area_as_lambda(step):
   images, labels = _batch()
-  out, targets = _mix(jax.random.key(seed), images, labels, mixup_alpha=0.0,
-                      label_smoothing=0.0)
+  out, targets, params = _mix(step, images, labels, mixup_alpha=0.0,
+                              label_smoothing=0.0)
   out = np.asarray(out)
   own = out == np.asarray(images)
-  pasted = out == np.asarray(images[::-1])
+  pasted = out == np.asarray(images[PARTNER])
   assert np.all(own | pasted)  # a select, never a blend
-  # The same rectangle in every image.
-  box = pasted[0, :, :, 0]
-  assert np.all(pasted[..., 0] == box)
-  rows, cols = np.nonzero(box)
-  if rows.size:
-    assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
-  lam = 1.0 - box.mean()
-  np.testing.assert_allclose(targets[np.arange(B), labels], lam, rtol=1e-6)
-  np.testing.assert_allclose(targets[np.arange(B), labels[::-1]], 1 - lam,
-                             rtol=1e-6, atol=1e-7)
+  for group in range(B // G):
+    members = slice(group * G, (group + 1) * G)
+    box = pasted[group * G, :, :, 0]
+    assert np.all(pasted[members, :, :, 0] == box)  # one box in the group
+    rows, cols = np.nonzero(box)
+    if rows.size:
+      assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    lam = 1.0 - box.mean()
+    np.testing.assert_allclose(params['mix_lam'][group], lam, rtol=1e-6)
+    np.testing.assert_allclose(targets[members][np.arange(G), labels[members]],
+                               lam, rtol=1e-6)
 
 
 def test_targets_rows_sum_to_one_and_smoothing_folded_in():
   images, labels = _batch()
-  for seed in range(5):
-    _, targets = _mix(jax.random.key(seed), images, labels)
+  for step in range(5):
+    _, targets, _ = _mix(step, images, labels)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
     # Classes in neither pair member keep exactly eps / K.
     untouched = np.ones((B, K), bool)
     untouched[np.arange(B), labels] = False
-    untouched[np.arange(B), labels[::-1]] = False
+    untouched[np.arange(B), labels[PARTNER]] = False
     np.testing.assert_allclose(np.asarray(targets)[untouched], 0.01,
                                rtol=1e-6)
 
 
 def test_switch_and_lambda_statistics():
-  """Over many batches: CutMix about switch_prob of the time, E[lam] = 0.5."""
-  images, labels = _batch()
-  keys = jax.random.split(jax.random.key(1), 2000)
-  fn = jax.jit(jax.vmap(functools.partial(
-      _mix, images=images, labels=labels, label_smoothing=0.0)))
-  out, targets = fn(keys)
-  out = np.asarray(out)
-  is_select = np.all((out == np.asarray(images)) |
-                     (out == np.asarray(images[::-1])), axis=(1, 2, 3, 4))
-  assert 0.45 < is_select.mean() < 0.55  # std 0.011
-  lam = np.asarray(targets[:, 0, labels[0]])
-  mixup_lam = lam[~is_select]
-  assert abs(mixup_lam.mean() - 0.5) < 0.03
+  """Over many groups: CutMix about switch_prob of the time, Mixup's lambda
+  Beta(0.8, 0.8), CutMix's area-corrected lambda above Beta(1, 1)'s mean."""
+  settings = _settings(group_size=2)
+  params = mix.draw(settings, seed=1, step=0, batch=8000, height=H, width=W)
+  cutmix = params['mix_cutmix']
+  assert 0.47 < cutmix.mean() < 0.53  # std 0.008
+  mixup_lam = params['mix_lam'][~cutmix]
+  assert abs(mixup_lam.mean() - 0.5) < 0.02
   # Beta(0.8, 0.8): variance 0.64 / (2.56 * 2.6) ~ 0.096.
-  assert 0.08 < mixup_lam.var() < 0.11
-  # Clipping the CutMix box at the borders only removes pasted area, so the
-  # corrected lambda sits above Beta(1, 1)'s mean of 0.5.
-  assert 0.55 < lam[is_select].mean() < 0.8
+  assert 0.085 < mixup_lam.var() < 0.107
+  # Clipping the CutMix box at the borders only removes pasted area.
+  assert 0.55 < params['mix_lam'][cutmix].mean() < 0.8
+  box = params['mix_box']
+  assert np.all(box[~cutmix] == 0)
+  np.testing.assert_allclose(
+      params['mix_lam'][cutmix],
+      1 - ((box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]))[cutmix] / (H * W))
+
+
+def test_draws_are_a_function_of_seed_and_step_only():
+  settings = _settings()
+  draw = lambda seed, step: mix.draw(settings, seed=seed, step=step,
+                                     batch=64, height=H, width=W)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, draw(3, 7), draw(3, 7))
+  assert not np.array_equal(draw(3, 7)['mix_lam'], draw(3, 8)['mix_lam'])
+  assert not np.array_equal(draw(3, 7)['mix_lam'], draw(4, 7)['mix_lam'])
+  # Two processes each take their consecutive half of the groups.
+  halves = [mix.process_slice(draw(3, 7), p, 2) for p in range(2)]
+  jax.tree_util.tree_map(lambda a, b, whole: np.testing.assert_array_equal(
+      np.concatenate([a, b]), whole), *halves, draw(3, 7))
 
 
 def test_jit_matches_eager_and_keeps_dtype():
   images, labels = _batch()
   images = images.astype(jnp.bfloat16)
-  fn = functools.partial(_mix, num_classes=K)
-  eager = fn(jax.random.key(3), images, labels)
-  jitted = jax.jit(fn)(jax.random.key(3), images, labels)
+  settings = _settings()
+  params = mix.draw(settings, seed=0, step=3, batch=B, height=H, width=W)
+  fn = functools.partial(mix.mix_batch, settings=settings, num_classes=K)
+  eager = fn(images, labels, params)
+  jitted = jax.jit(fn)(images, labels, params)
   assert jitted[0].dtype == jnp.bfloat16
   assert jitted[1].dtype == jnp.float32
   for a, b in zip(eager, jitted):
@@ -146,22 +177,29 @@ def test_jit_matches_eager_and_keeps_dtype():
                                np.asarray(b, np.float32), rtol=1e-6)
 
 
-def test_batch_sharded_over_devices_gives_same_result():
-  images, labels = _batch()
+def test_mixing_split_over_devices_moves_no_images():
+  """Groups of 2 on 8 devices (one group each): the same result as on one
+  device, and the compiled program has no collective at all."""
+  images, labels = (jnp.concatenate([t, t + B]) for t in _batch())
+  settings = _settings(group_size=2)
+  params = mix.draw(settings, seed=0, step=5, batch=2 * B, height=H, width=W)
+  fn = jax.jit(functools.partial(mix.mix_batch, settings=settings,
+                                 num_classes=K))
   mesh = jax.make_mesh((8,), ('data',))
-  sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data'))
-  fn = jax.jit(_mix)
-  reference = fn(jax.random.key(5), images, labels)
-  sharded = fn(jax.random.key(5), jax.device_put(images, sharding),
-               jax.device_put(labels, sharding))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  args = jax.device_put((images, labels, params), split)
+  reference = fn(images, labels, params)
+  sharded = fn(*args)
   for a, b in zip(reference, sharded):
     np.testing.assert_array_equal(a, b)
+  assert hlo.collectives(fn.lower(*args).compile().as_text()) == []
 
 
-def test_invalid_arguments():
-  images, labels = _batch()
-  with pytest.raises(ValueError, match='even'):
-    _mix(jax.random.key(0), images[:3], labels[:3])
-  with pytest.raises(ValueError, match='smooth_targets'):
-    _mix(jax.random.key(0), images, labels, mixup_alpha=0.0, cutmix_alpha=0.0)
+def test_invalid_settings():
+  with pytest.raises(ValueError, match='mix_group_size=3 must be even'):
+    _settings(group_size=3).check(12)
+  with pytest.raises(ValueError, match='divide the per-device batch of 2'):
+    _settings(group_size=4).check(2)
+  _settings(group_size=2).check(2)
+  with pytest.raises(ValueError, match='groups of 4'):
+    mix.draw(_settings(), seed=0, step=0, batch=6, height=H, width=W)

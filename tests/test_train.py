@@ -14,9 +14,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+import hlo
 from conftest import ROOT, subprocess_env, train_cmd
 from configs import tiny
 from glmix_jax import optim, sharding, train_lib
+from glmix_jax.data import mix
 
 
 def run_train(workdir, *flags, config='configs/tiny.py', **env):
@@ -79,8 +81,15 @@ def test_bad_config_is_one_clear_line(tmp_path, config, flag, message):
 # In-process: the step function itself.
 
 
-def tiny_setup(batch=16, optimizer='adamw', accum_steps=1):
+# Small enough that the tiny model's weights (its kernels: biases and norm
+# scales have at most 128 elements) are split under FSDP.
+FSDP_MIN_SIZE = 256
+
+
+def tiny_setup(batch=16, optimizer='adamw', accum_steps=1, mesh=None,
+               dtype='float32'):
   config = tiny.get_config()
+  config.model.dtype = dtype
   if optimizer == 'sgd':  # Adam would amplify rounding in near-zero gradients
     config.optimizer.update(name='sgd', momentum=0.9, weight_decay_rule='all')
   model = train_lib.build_model(config)
@@ -91,26 +100,30 @@ def tiny_setup(batch=16, optimizer='adamw', accum_steps=1):
   tx = optim.make_optimizer(config.optimizer, schedule, params)
   if accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
-  step = jax.jit(functools.partial(
-      train_lib.train_step, model=model, tx=tx, schedule=schedule,
-      mix_config=train_lib.ml_collections.FrozenConfigDict(
-          train_lib._mix_fields(config)),
-      num_classes=4, seed=0, ema_decay=0.9, accum_steps=accum_steps))
+  config.ema_decay = 0.9
   state = train_lib.init_state(model, tx, shape, 0, True)
+  step = train_lib.make_train_step(
+      config, model, tx, schedule, accum_steps=accum_steps, mesh=mesh,
+      shardings=None if mesh is None else sharding.state_shardings(
+          state, mesh, min_size=FSDP_MIN_SIZE), donate=False)
   rng = np.random.default_rng(0)
+  settings = mix.MixSettings.from_config(config.augmentation)
   batches = [dict(image=rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
-                  label=rng.integers(0, 4, batch)) for _ in range(2)]
+                  label=rng.integers(0, 4, batch),
+                  **mix.draw(settings, seed=0, step=i, batch=batch, height=32,
+                             width=32)) for i in range(2)]
   return state, step, batches
 
 
 def test_sharded_step_equals_single_device_step():
-  state, step, batches = tiny_setup(optimizer='sgd')
   mesh = sharding.make_mesh()
+  state, step, batches = tiny_setup(optimizer='sgd')
+  _, sharded_step, _ = tiny_setup(optimizer='sgd', mesh=mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   sharded = jax.device_put(state, replicated)
   single = jax.device_put(state, jax.devices()[0])
   for batch in batches:
-    sharded, m8 = step(sharded, sharding.global_batch(batch, mesh))
+    sharded, m8 = sharded_step(sharded, sharding.global_batch(batch, mesh))
     single, m1 = step(single, jax.device_put(batch, jax.devices()[0]))
     np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
   assert len(sharded.params['head']['kernel'].sharding.device_set) == 8
@@ -119,22 +132,51 @@ def test_sharded_step_equals_single_device_step():
       (sharded.params, sharded.batch_stats), (single.params, single.batch_stats))
 
 
-def test_fsdp_shards_the_state_and_computes_the_same_step():
-  state, step, batches = tiny_setup(optimizer='sgd')
-  mesh = sharding.make_mesh()
-  fsdp = train_lib.state_shardings(state, mesh, fsdp=True)
-  replicated = train_lib.state_shardings(state, mesh, fsdp=False)
-  assert fsdp.params['head']['kernel'].spec == PartitionSpec('data', None)
-  assert fsdp.params['head']['bias'].spec == PartitionSpec()  # 4 classes
-  assert replicated.params['head']['kernel'].spec == PartitionSpec()
-  a = jax.device_put(state, fsdp)
-  b = jax.device_put(state, replicated)
+def test_fsdp_on_a_2d_mesh_computes_the_data_parallel_step():
+  """(data 2, fsdp 4): large arrays split 4 ways, small ones replicated; the
+  losses and parameters of pure data parallelism to 1e-6."""
+  fsdp_mesh = sharding.make_mesh((2, 4))
+  dp_mesh = sharding.make_mesh()
+  state, dp_step, batches = tiny_setup(optimizer='sgd', mesh=dp_mesh)
+  _, fsdp_step, _ = tiny_setup(optimizer='sgd', mesh=fsdp_mesh)
+  where = sharding.state_shardings(state, fsdp_mesh,
+                                   min_size=FSDP_MIN_SIZE)
+  for x, at in zip(jax.tree_util.tree_leaves(state),
+                   jax.tree_util.tree_leaves(where)):
+    split = 'fsdp' in at.spec
+    assert split == (x.size >= FSDP_MIN_SIZE), (x.shape, at.spec)
+  assert all(s.spec == PartitionSpec() for s in jax.tree_util.tree_leaves(
+      sharding.state_shardings(state, dp_mesh, min_size=FSDP_MIN_SIZE)))
+  a = jax.device_put(state, where)
+  b = jax.device_put(state, NamedSharding(dp_mesh, PartitionSpec()))
   for batch in batches:
-    a, _ = step(a, sharding.global_batch(batch, mesh))
-    b, _ = step(b, sharding.global_batch(batch, mesh))
+    a, loss_a = fsdp_step(a, sharding.global_batch(batch, fsdp_mesh))
+    b, loss_b = dp_step(b, sharding.global_batch(batch, dp_mesh))
+    np.testing.assert_allclose(loss_a['loss'], loss_b['loss'], rtol=1e-6)
   jax.tree_util.tree_map(
-      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+      functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
       a.params, b.params)
+
+
+def test_fsdp_gathers_parameters_within_groups_in_the_compute_dtype(
+    tmp_path):
+  """With (data 2, fsdp 4) a bfloat16 model's weights are gathered over the
+  4 devices of an FSDP group (never across the data axis), in bfloat16,
+  half the bytes of the float32 master weights; no activation moves."""
+  mesh = sharding.make_mesh((2, 4))
+  state, step, batches = tiny_setup(mesh=mesh, dtype='bfloat16')
+  where = sharding.state_shardings(state, mesh, min_size=FSDP_MIN_SIZE)
+  text = hlo.partitioned(step.lower(jax.device_put(state, where),
+                                    sharding.global_batch(batches[0], mesh)),
+                         tmp_path)
+  assert {kind for kind, _ in hlo.collectives(text)} == {'all-gather',
+                                                          'all-reduce'}
+  gathers = hlo.collective_lines(text, 'all-gather')
+  assert len(gathers) >= 20  # the tiny model's split kernels
+  for line in gathers:
+    groups = sorted(sorted(g) for g in hlo.replica_groups(line, mesh))
+    assert groups == [[0, 1, 2, 3], [4, 5, 6, 7]], line
+    assert hlo.shape_of(line).startswith('bf16'), line
 
 
 def test_gradient_accumulation_updates_every_k_passes():

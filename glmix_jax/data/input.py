@@ -17,7 +17,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 from etils import epath
 
-from glmix_jax.data import augment, pipeline, prepare, synthetic
+from glmix_jax.data import augment, mix, pipeline, prepare, synthetic
 
 
 def transform_config(config: ml_collections.ConfigDict
@@ -47,14 +47,24 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
 
 def train_batches(config: ml_collections.ConfigDict, source, *,
                   start_step: int, global_batch: int) -> Iterator[dict]:
-  """This process's training batches from ``start_step`` on."""
-  return pipeline.train_batches(
+  """This process's training batches from ``start_step`` on, with the
+  step's Mixup/CutMix draws (``mix.draw``) when mixing is on."""
+  batches = pipeline.train_batches(
       source,
       functools.partial(augment.train_transform, cfg=transform_config(config)),
       seed=config.seed, global_batch=global_batch, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
       repeats=config.augmentation.repeated_augmentation,
       num_threads=config.data.num_threads)
+  settings = mix.MixSettings.from_config(config.augmentation)
+  if not settings.enabled:
+    return batches
+  size = config.data.image_size
+  return ({**batch, **mix.process_slice(
+      mix.draw(settings, seed=config.seed, step=step, batch=global_batch,
+               height=size, width=size),
+      jax.process_index(), jax.process_count())}
+          for step, batch in enumerate(batches, start_step))
 
 
 def eval_batches(config: ml_collections.ConfigDict, source, *,

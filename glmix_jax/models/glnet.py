@@ -84,8 +84,11 @@ def adaptive_avg_pool(x: jax.Array, grid: int) -> jax.Array:
   rows = adaptive_pool_matrix(x.shape[1], grid)
   cols = adaptive_pool_matrix(x.shape[2], grid)
   # Pooling, not a learned contraction: PyTorch's counters skip it too.
+  # HIGHEST: float32 means float32 on GPU (not TF32) and TPU (not bf16
+  # passes), as for the slot logits these initial slots feed.
   with jax.named_scope(layers.UNCOUNTED_MACS_SCOPE):
-    return jnp.einsum('ih,jw,bhwc->bijc', rows, cols, x)
+    return jnp.einsum('ih,jw,bhwc->bijc', rows, cols, x,
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 def unit(v: jax.Array) -> jax.Array:
@@ -96,10 +99,17 @@ def unit(v: jax.Array) -> jax.Array:
 
 def slot_logits(init_slots: jax.Array, features: jax.Array,
                 scale: jax.Array) -> jax.Array:
-  """A = scale * unit(Z0) unit(F)^T, (B, S, C) x (B, N, C) -> (B, S, N), f32."""
+  """A = scale * unit(Z0) unit(F)^T, (B, S, C) x (B, N, C) -> (B, S, N), f32.
+
+  In float32 at full precision whatever the compute dtype: the softmaxes of
+  ``soft_cluster`` and ``dispatch`` read these logits, scaled by up to
+  ``slot_scale``, where a TF32 or bf16 product's 1e-3 relative error would
+  move the clustering.
+  """
   z = unit(init_slots.astype(jnp.float32))
   f = unit(features.astype(jnp.float32))
-  return scale * jnp.einsum('bsc,bnc->bsn', z, f)
+  return scale * jnp.einsum('bsc,bnc->bsn', z, f,
+                            precision=jax.lax.Precision.HIGHEST)
 
 
 def soft_cluster(logits: jax.Array, features: jax.Array) -> jax.Array:

@@ -73,11 +73,22 @@ def per_example(kernel: Callable[..., jax.Array], *args: jax.Array,
       out_specs=split, axis_names=set(axes))(*args)
 
 
-def _on_platform(name: str, *args: jax.Array, **static) -> jax.Array:
+def _on_platform(name: str, *args: jax.Array,
+                 batched: tuple[bool, ...] | None = None, **static
+                 ) -> jax.Array:
   """Kernel ``name`` in its form for the platform the program is lowered for
-  (``IMPLEMENTATIONS``), with ``static`` arguments bound."""
+  (``IMPLEMENTATIONS``), with ``static`` arguments bound; the CPU form on
+  each device's examples (``per_example``) when ``batched`` is given.
+
+  The switch sits outside any ``shard_map``: lowered for one platform it
+  leaves that platform's form alone in the program, forward and backward
+  (inside a ``shard_map``, the backward kept a conditional on the form's
+  index, passed across from the forward).
+  """
   cpu, default = (functools.partial(IMPLEMENTATIONS[name][form], **static)
                   for form in ('cpu', 'default'))
+  if batched is not None:
+    cpu = functools.partial(per_example, cpu, batched=batched)
   return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
@@ -89,8 +100,8 @@ def _on_platform(name: str, *args: jax.Array, **static) -> jax.Array:
 def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Depthwise k x k correlation of NHWC ``x`` with a (k, k, C) kernel,
   "same" zero padding; in ``x.dtype``, accumulated in float32 at least."""
-  return per_example(functools.partial(_on_platform, 'depthwise_conv'), x,
-                     kernel.astype(x.dtype), batched=(True, False))
+  return _on_platform('depthwise_conv', x, kernel.astype(x.dtype),
+                      batched=(True, False))
 
 
 def _depthwise_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -154,8 +165,7 @@ KERNEL_GRAD_BLOCK_ELEMENTS = 32768
 
 
 def depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, *,
-                          block_elements: int = KERNEL_GRAD_BLOCK_ELEMENTS
-                          ) -> jax.Array:
+                          block_elements: int | None = None) -> jax.Array:
   """Gradient of a "same"-padded depthwise k x k correlation of ``x`` with
   respect to its (k, k, C) kernel, given the output cotangent ``g``:
   ``_kernel_grad_taps`` summed over blocks of rows, one block per step of a
@@ -165,6 +175,7 @@ def depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, *,
   # The barrier keeps XLA from sharing the taps' shifted slices with the
   # forward's shifted sum: shared, each slice is materialised at full size.
   padded, g = jax.lax.optimization_barrier((_pad_same(x, k), g))
+  block_elements = block_elements or KERNEL_GRAD_BLOCK_ELEMENTS
   b, h, w, c = g.shape
   if b * h * w * c <= 16 * block_elements:
     return _kernel_grad_taps(padded, g)
@@ -239,7 +250,8 @@ def grouped_shift_conv(f: jax.Array, kernel: jax.Array, stride: int
   groups of 9 inputs with ``kernel`` (3, 3, 9, O) (output channel
   o = c * O / d + j, XLA's contiguous grouping); zero padding 1, ``stride``.
   """
-  return _on_platform('grouped_shift_conv', f, kernel, stride=stride)
+  return _on_platform('grouped_shift_conv', f, kernel, stride=stride,
+                      batched=(True, False))
 
 
 def _conv3x3(x: jax.Array, kernel: jax.Array, stride: int,
@@ -296,9 +308,8 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array,
   Returns:
     (B, H // stride, W // stride, C), head-major channels.
   """
-  body = functools.partial(_on_platform, 'local_attention', heads=heads,
-                           stride=stride)
-  return per_example(body, q, k, v, pe, batched=(True, True, True, False))
+  return _on_platform('local_attention', q, k, v, pe, heads=heads,
+                      stride=stride, batched=(True, True, True, False))
 
 
 def _reflect_pad(t: jax.Array, axes: tuple[int, int]) -> jax.Array:
