@@ -132,8 +132,10 @@ def traced_on(mesh: Mesh, fn: Callable) -> Callable:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over all devices; other axes whole."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+  """Leading (batch) axis split over all devices (the mesh's batch axes);
+  other axes whole."""
+  return NamedSharding(mesh, PartitionSpec(
+      tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:

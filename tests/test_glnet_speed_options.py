@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from glmix_jax import convert, models
-from glmix_jax.models import kernels, layers, summary
+from glmix_jax.models import kernels, summary
 from test_convert import GLNET_FIXTURES, assert_network_matches, load_fixture
 
 # remat alone, and both together (scan alone is covered by the parity test).
@@ -92,27 +92,6 @@ def test_scanned_blocks_drop_paths_per_sample():
 def test_unknown_remat_policy_lists_the_choices():
   with pytest.raises(ValueError, match="Unknown remat.*'none', 'full'"):
     models.build('glnet_stl', remat='everything')
-
-
-@pytest.mark.parametrize('k', [3, 5])
-def test_depthwise_conv_and_its_gradients_equal_the_grouped_conv(k):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 6))
-  cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 7, 6))
-  ours = layers.DepthwiseConv(k)
-  grouped = layers.conv2d(6, k, padding=k // 2, groups=6, in_features=6,
-                          dtype=jnp.float32, param_dtype=jnp.float32,
-                          name='c')
-  variables = ours.init(jax.random.PRNGKey(2), x)
-  assert shapes(variables) == shapes(grouped.init(jax.random.PRNGKey(2), x))
-
-  def loss(m):
-    return lambda v, a: jnp.sum(m.apply(v, a) * cotangent)
-  with jax.default_matmul_precision('highest'):
-    chex.assert_trees_all_close(ours.apply(variables, x),
-                                grouped.apply(variables, x), atol=1e-5)
-    chex.assert_trees_all_close(
-        jax.grad(loss(ours), (0, 1))(variables, x),
-        jax.grad(loss(grouped), (0, 1))(variables, x), atol=1e-5)
 
 
 @pytest.mark.parametrize('shape,k,block_elements', [

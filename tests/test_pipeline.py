@@ -111,12 +111,13 @@ def test_eval_counts_every_example_exactly_once(train, processes,
   assert sorted(labels) == sorted(train[i]['label'] for i in range(len(train)))
 
 
-def test_global_batch_is_sharded_over_the_data_axis(train):
+def test_global_batch_is_sharded_over_all_devices(train):
   mesh = sharding.make_mesh()
   local = next(pipeline.train_batches(train, decode, seed=0, global_batch=16))
   batch = next(sharding.device_batches(iter([local]), mesh))
   assert batch['image'].shape == (16, 48, 48, 3)
-  assert batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
+  assert batch['image'].sharding.spec == jax.sharding.PartitionSpec(
+      ('data', 'fsdp'))
   assert len(batch['label'].addressable_shards) == 8
   np.testing.assert_array_equal(np.asarray(batch['label']), local['label'])
 

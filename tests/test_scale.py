@@ -30,7 +30,8 @@ from glmix_jax.models import kernels, layers, summary
 BATCH = 16  # 2 images per device
 TINY = {  # name -> (image size, the design at its fixture's size)
     'glnet_stl': (64, dict(dims=(32, 64, 96, 128), depths=(1, 1, 2, 1))),
-    'glnet_4g': (64, dict(dims=(32, 64, 96, 128), depths=(1, 1, 4, 1))),
+    # Stage 3 alternates GLMix and MHSA: one of each.
+    'glnet_4g': (64, dict(dims=(32, 64, 96, 128), depths=(1, 1, 2, 1))),
     'acmix_resnet50': (128, dict(depths=(1, 1, 1, 1), width_per_group=16)),
     'acmix_swin_t': (224, dict(embed_dim=32, depths=(2, 2, 2, 2),
                                num_heads=(1, 2, 4, 8))),
