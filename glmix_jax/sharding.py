@@ -73,10 +73,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
   return jax.tree_util.tree_map(where, abstract_state)
 
 
+def _split(where: NamedSharding) -> bool:
+  """Whether ``where`` splits its array over the FSDP axis."""
+  return FSDP_AXIS in jax.tree_util.tree_leaves(tuple(where.spec))
+
+
 def fsdp_split(shardings: Any) -> bool:
   """Whether any array of ``shardings`` (``state_shardings``) is split."""
-  return any(FSDP_AXIS in jax.tree_util.tree_leaves(tuple(s.spec))
-             for s in jax.tree_util.tree_leaves(shardings))
+  return any(_split(s) for s in jax.tree_util.tree_leaves(shardings))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -114,8 +118,7 @@ def gathered_in(params: Any, shardings: Any, dtype) -> Any:
   unchanged. The optimizer state, EMA and float32 weights stay split: the
   step holds one whole compute-dtype copy of the weights at a time."""
   def cast(path, x, where):
-    split = FSDP_AXIS in jax.tree_util.tree_leaves(tuple(where.spec))
-    if split and getattr(path[-1], 'key', None) == 'kernel':
+    if _split(where) and getattr(path[-1], 'key', None) == 'kernel':
       return _cast_while_split(x, jnp.dtype(dtype), where)
     return x
   return jax.tree_util.tree_map_with_path(cast, params, shardings)

@@ -178,13 +178,18 @@ def partitioned(lowered, dump_dir) -> str:
   program's dtypes (XLA:CPU later computes bfloat16 in float32, a GPU or TPU
   does not). Compiles ``lowered`` afresh, dumping into ``dump_dir``."""
   import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  # A program read from the persistent cache runs no passes and dumps
+  # nothing (dump flags are not part of its key): compile with it off.
   enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)  # must compile
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
   try:
     lowered.compile(compiler_options={
         'xla_dump_to': str(dump_dir), 'xla_dump_hlo_as_text': True,
         'xla_dump_hlo_pass_re': 'spmd-partitioning'})
   finally:
     jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()
   (path,) = pathlib.Path(dump_dir).glob('*after_spmd-partitioning*.txt')
   return path.read_text()

@@ -18,11 +18,13 @@ lowered for ``cuda`` or ``tpu``, even from a CPU host, holds only the
 standard form, and ``summary.count_macs`` counts the standard form: the
 MACs of the function, not of a CPU trick that does more of them.
 
-**Per device.** Under a mesh (``jax.set_mesh``, as the train and eval steps
-run) ``per_example`` runs a kernel inside ``jax.shard_map`` over the batch
-axes: every device computes its own examples, its loops and tiles sized from
-its own part of the batch. Left to the SPMD partitioner, the CPU forms'
-loops and dynamic slices made every device gather the whole batch.
+**Per device.** Under a context mesh (``sharding.traced_on``, as the train
+and eval steps are traced) ``per_example`` runs each CPU form inside
+``jax.shard_map`` over the batch axes: every device computes its own
+examples, its loops and tiles sized from its own part of the batch. Left to
+the SPMD partitioner, the CPU forms' loops and dynamic slices made every
+device gather the whole batch. The standard forms have no loop, and the
+partitioner splits them over the batch as they are.
 """
 
 from __future__ import annotations
