@@ -13,7 +13,7 @@ images that have ReaL labels).
 from absl import flags
 from ml_collections import config_flags
 
-from glmix_jax import cli, launch, train_lib
+from glmix_jax import cli, launch
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
                                           lock_config=True)
@@ -24,6 +24,9 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
 
 def main(argv):
   del argv
+  # Imported here, not above: the input worker processes start by importing
+  # this file (Python's spawn), and need none of the trainer.
+  from glmix_jax import train_lib  # pylint: disable=g-import-not-at-top
   train_lib.evaluate_checkpoint(_CONFIG.value, workdir=_WORKDIR.value,
                                 model_checkpoint=_CHECKPOINT.value)
 

@@ -8,7 +8,7 @@ resumes from its latest checkpoint; SIGTERM saves and exits 0.
 from absl import flags
 from ml_collections import config_flags
 
-from glmix_jax import cli, launch, train_lib
+from glmix_jax import cli, launch
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
                                           lock_config=True)
@@ -18,6 +18,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
 
 def main(argv):
   del argv
+  # Imported here, not above: the input worker processes start by importing
+  # this file (Python's spawn), and need none of the trainer.
+  from glmix_jax import train_lib  # pylint: disable=g-import-not-at-top
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

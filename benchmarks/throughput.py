@@ -181,11 +181,15 @@ def _train(model, images, seed: int = 0):
       train_lib.init_state, model, tx, (1,) + images.shape[1:], seed,
       False))()
   labels = jnp.arange(images.shape[0]) % 1000
-  batch = dict(image=images, label=labels)
+  # The step takes uint8 pixels, as the input pipeline delivers them.
+  pixels = jnp.clip(images * 64 + 128, 0, 255).astype(jnp.uint8)
+  batch = dict(image=pixels, label=labels)
   augmentation = common.deit_augmentation()
   augmentation.update(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
   config = ml_collections.ConfigDict(dict(
-      augmentation=augmentation, data=dict(num_classes=model.num_classes),
+      augmentation=augmentation,
+      data=dict(num_classes=model.num_classes, mean=common.IMAGENET_MEAN,
+                std=common.IMAGENET_STD),
       seed=seed, ema_decay=0.0))
   step = train_lib.make_train_step(config, model, tx, lambda s: 1e-3)
   compiled, compile_times = _compile(step, state, batch)

@@ -30,7 +30,12 @@ def imagenet_data() -> ml_collections.ConfigDict:
       interpolation='bicubic',
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
-      num_threads=16,  # decoding / augmentation threads per process
+      # Decoding and augmentation: worker processes (-1: one per core of
+      # this process, less an eighth for the trainer; 0: in this process),
+      # threads in each, and whole batches made ahead.
+      num_workers=-1,
+      num_threads=2,
+      prefetch=2,
   ))
 
 
@@ -67,8 +72,7 @@ def with_args(config: ml_collections.ConfigDict,
     config.data.update(
         synthetic=dict(classes=10, images_per_class=40,
                        image_size=config.data.image_size),
-        num_classes=10, train_split='train[:90%]', eval_split='train[90%:]',
-        num_threads=4)
+        num_classes=10, train_split='train[:90%]', eval_split='train[90%:]')
     config.augmentation.update(repeated_augmentation=1, mix_group_size=2)
     config.model.dtype = 'float32'
     config.update(total_steps=20, warmup_epochs=0, global_batch_size=16,
@@ -88,7 +92,7 @@ def synthetic_demo(config: ml_collections.ConfigDict,
   config.data.update(
       synthetic=dict(classes=10, images_per_class=260, image_size=80),
       num_classes=10, image_size=image_size, train_split='train[:90%]',
-      eval_split='train[90%:]', num_threads=4)
+      eval_split='train[90%:]')
   config.augmentation.update(
       random_resized_crop_scale=(0.7, 1.0), randaugment='', random_erasing=0.0,
       mixup_alpha=0.0, cutmix_alpha=0.0, repeated_augmentation=1)

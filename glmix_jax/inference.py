@@ -31,7 +31,7 @@ from etils import epath
 from PIL import Image
 
 from glmix_jax import checkpoint, train_lib
-from glmix_jax.data import augment
+from glmix_jax.data import augment, on_device
 from glmix_jax.data import input as data_input
 
 
@@ -124,17 +124,15 @@ def load_image(path: str | epath.Path, config: ml_collections.ConfigDict
   if not path.is_file():
     raise FileNotFoundError(f'No image file {path}.')
   try:
-    image = augment.eval_transform(path.read_bytes(),
-                                   data_input.transform_config(config))
+    pixels = augment.eval_transform(path.read_bytes(),
+                                    data_input.transform_config(config))
   except Image.UnidentifiedImageError as e:
     raise ValueError(f'{path} is not an image file (JPEG, PNG, ... '
                      'expected).') from e
   except (OSError, Image.DecompressionBombError) as e:  # e.g. truncated
     raise ValueError(f'{path} could not be decoded as an image: {e}') from e
-  data = config.data
-  # The exact inverse of augment.normalize, up to float rounding.
-  pixels = (image * np.asarray(data.std) + np.asarray(data.mean)) * 255.0
-  return image, np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+  image = on_device.normalize(pixels, config.data.mean, config.data.std)
+  return np.asarray(image), pixels
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ CONFIG_FILE = 'config.json'
 
 EXECUTION_FIELDS = frozenset({
     'data.data_dir',  # where the same records live
-    'data.num_threads',  # decoding threads
+    'data.num_workers', 'data.num_threads', 'data.prefetch',  # input speed
     'log_steps', 'eval_steps',  # reporting cadence
     'checkpoint_steps', 'keep_checkpoints', 'keep_checkpoint_every',
     'max_bad_steps',  # how many skipped non-finite steps to tolerate

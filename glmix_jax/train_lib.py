@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -44,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from glmix_jax import (checkpoint, metrics, models, optim, preemption, resume,
                        sharding)
 from glmix_jax.data import input as data_input
-from glmix_jax.data import mix, pipeline
+from glmix_jax.data import mix, on_device, pipeline
 from glmix_jax.errors import NonFiniteError
 from glmix_jax.models import summary
 
@@ -59,6 +60,16 @@ class TrainState:
   opt_state: Any
   ema_params: Any  # None when EMA is off
   bad_steps: jax.Array
+
+
+class PixelStats(NamedTuple):
+  """The dataset's per-channel mean and std, in [0, 1] (``config.data``)."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> PixelStats:
+    return cls(tuple(config.data.mean), tuple(config.data.std))
 
 
 def init_state(model, tx: optax.GradientTransformation, image_shape,
@@ -76,23 +87,29 @@ def init_state(model, tx: optax.GradientTransformation, image_shape,
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
                tx: optax.GradientTransformation, schedule: optim.Schedule,
                mix_settings: mix.MixSettings, num_classes: int,
-               seed: int, ema_decay: float, accum_steps: int = 1,
+               pixels: PixelStats, seed: int, ema_decay: float,
+               accum_steps: int = 1,
                param_shardings: Any = None) -> tuple[TrainState, dict]:
   """One step on a global (micro-)batch; skips the update if non-finite.
 
-  With mixing on, ``batch`` holds the step's ``mix.draw`` fields. With
+  ``batch['image']`` is uint8, normalised here with ``pixels`` (and erased
+  where the batch has ``'erase_box'``, ``on_device``); with mixing on,
+  ``batch`` holds the step's ``mix.draw`` fields. With
   ``accum_steps`` > 1, ``tx`` is an ``optax.MultiSteps``: parameters and EMA
   change on every ``accum_steps``-th call, with the mean gradient. With
   ``param_shardings`` (FSDP), split weights are gathered in the compute
   dtype (``sharding.gathered_in``).
   """
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+  images = on_device.normalize(batch['image'], pixels.mean, pixels.std)
+  if 'erase_box' in batch:
+    images = on_device.erase(images, batch['erase_box'],
+                             on_device.erase_key(seed, state.step))
   if mix_settings.enabled:
     images, targets = mix.mix_batch(
-        batch['image'], batch['label'],
+        images, batch['label'],
         {k: batch[k] for k in mix.PARAM_FIELDS}, mix_settings, num_classes)
   else:
-    images = batch['image']
     targets = mix.smooth_targets(batch['label'], num_classes,
                                  mix_settings.label_smoothing,
                                  mix_settings.spread)
@@ -169,7 +186,8 @@ def make_train_step(config: ml_collections.ConfigDict, model,
   step = functools.partial(
       train_step, model=model, tx=tx, schedule=schedule,
       mix_settings=mix.MixSettings.from_config(config.augmentation),
-      num_classes=config.data.num_classes, seed=config.seed,
+      num_classes=config.data.num_classes,
+      pixels=PixelStats.from_config(config), seed=config.seed,
       ema_decay=config.ema_decay, accum_steps=accum_steps,
       param_shardings=shardings.params if split else None)
   donate_argnums = (0,) if donate else ()
@@ -185,23 +203,28 @@ def make_train_step(config: ml_collections.ConfigDict, model,
       donate_argnums=donate_argnums)
 
 
-def make_eval_step(model, mesh: jax.sharding.Mesh) -> Callable:
+def make_eval_step(config: ml_collections.ConfigDict, model,
+                   mesh: jax.sharding.Mesh) -> Callable:
   """The jitted ``eval_step(params, batch_stats, batch)``, traced on
   ``mesh``."""
   return jax.jit(sharding.traced_on(
-      mesh, functools.partial(eval_step, model=model)))
+      mesh, functools.partial(eval_step, model=model,
+                              pixels=PixelStats.from_config(config))))
 
 
 def eval_step(params, batch_stats, batch: dict[str, jax.Array], *,
-              model) -> dict[str, jax.Array]:
+              model, pixels: PixelStats) -> dict[str, jax.Array]:
   """Masked sums over a padded batch: top-1/top-5 hits, loss and count.
+
+  ``batch['image']`` is uint8, normalised here with ``pixels``.
 
   With ImageNet-ReaL labels in the batch, also ``real_top1`` (the top class
   is one of the image's plausible classes) and ``real_count``: the images
   that have any ReaL label, the only ones ReaL accuracy counts.
   """
+  images = on_device.normalize(batch['image'], pixels.mean, pixels.std)
   logits = model.apply({'params': params, 'batch_stats': batch_stats},
-                       batch['image'], train=False).astype(jnp.float32)
+                       images, train=False).astype(jnp.float32)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -218,15 +241,20 @@ def eval_step(params, batch_stats, batch: dict[str, jax.Array], *,
   return sums
 
 
-def evaluate(eval_fn: Callable, params, batch_stats, batches, mesh
-             ) -> dict[str, float]:
-  """Top-1 / top-5 / loss over every example of the split, exactly once."""
-  totals = None
+def _sums(eval_fn: Callable, weights: dict[str, Any], batch_stats, batches,
+          mesh) -> dict[str, dict[str, np.ndarray]]:
+  """``eval_step``'s sums over all batches, for each named set of weights,
+  in one pass over the data (each batch is decoded once for all of them)."""
+  totals = dict.fromkeys(weights)
   for batch in sharding.device_batches(batches, mesh):
-    sums = eval_fn(params, batch_stats, batch)
-    totals = sums if totals is None else jax.tree_util.tree_map(
-        jnp.add, totals, sums)
-  totals = jax.device_get(totals)
+    for name, params in weights.items():
+      sums = eval_fn(params, batch_stats, batch)
+      totals[name] = sums if totals[name] is None else jax.tree_util.tree_map(
+          jnp.add, totals[name], sums)
+  return jax.device_get(totals)
+
+
+def _scores(totals: dict[str, np.ndarray]) -> dict[str, float]:
   count = float(totals['count'])
   scores = dict(top1=float(totals['top1']) / count,
                 top5=float(totals['top5']) / count,
@@ -238,15 +266,20 @@ def evaluate(eval_fn: Callable, params, batch_stats, batches, mesh
   return scores
 
 
+def evaluate(eval_fn: Callable, params, batch_stats, batches, mesh
+             ) -> dict[str, float]:
+  """Top-1 / top-5 / loss over every example of the split, exactly once."""
+  return _scores(_sums(eval_fn, {'': params}, batch_stats, batches, mesh)[''])
+
+
 def evaluate_weights(eval_fn: Callable, weights: dict[str, Any], batch_stats,
-                     make_batches: Callable[[], Any], mesh) -> dict[str, float]:
+                     batches, mesh) -> dict[str, float]:
   """``evaluate`` for each named set of parameters (e.g. ``{'': raw,
-  'ema_': ema}``), as flat ``'<name>eval_<metric>'`` scores."""
-  results = {}
-  for prefix, params in weights.items():
-    scores = evaluate(eval_fn, params, batch_stats, make_batches(), mesh)
-    results.update({f'{prefix}eval_{k}': v for k, v in scores.items()})
-  return results
+  'ema_': ema}``) in one pass over ``batches``, as flat
+  ``'<name>eval_<metric>'`` scores."""
+  totals = _sums(eval_fn, weights, batch_stats, batches, mesh)
+  return {f'{prefix}eval_{k}': v for prefix, sums in totals.items()
+          for k, v in _scores(sums).items()}
 
 
 # ---------------------------------------------------------------------------
@@ -389,7 +422,7 @@ def train_and_evaluate(
     step_fn = make_train_step(config, model, tx, schedule,
                               accum_steps=plan.accum_steps, mesh=mesh,
                               shardings=shardings)
-    eval_fn = make_eval_step(model, mesh)
+    eval_fn = make_eval_step(config, model, mesh)
     batches = sharding.device_batches(
         data_input.train_batches(config, train_source, start_step=start,
                                  global_batch=plan.pass_batch), mesh)
@@ -398,6 +431,7 @@ def train_and_evaluate(
       step_fn = step_fn.lower(state, first).compile()
       sharding.wait_for_processes('train step compiled')
       batches = itertools.chain([first], batches)
+    batches = metrics.TimedInput(batches)
 
     def run_eval() -> dict[str, float]:
       weights = {'': state.params}
@@ -405,15 +439,19 @@ def train_and_evaluate(
         weights['ema_'] = state.ema_params
       return evaluate_weights(
           eval_fn, weights, state.batch_stats,
-          lambda: data_input.eval_batches(config, eval_source,
-                                          global_batch=plan.pass_batch), mesh)
+          data_input.eval_batches(config, eval_source,
+                                  global_batch=plan.pass_batch), mesh)
 
     def check_finite(step: int, step_metrics: dict) -> None:
       _check_finite(step, step_metrics, max_bad=config.max_bad_steps,
                     last_checkpoint=checkpoints.last_saved)
 
     total = plan.total_passes
-    progress = metrics.Progress(total, plan.pass_batch, start)
+    workers = data_input.num_workers(config)
+    progress = metrics.Progress(
+        total, plan.pass_batch, start, inputs=batches,
+        raise_input=f'--config.data.num_workers (now {workers}, on '
+        f'{len(os.sched_getaffinity(0))} cores of this process)')
     # A step's metrics are read on the host one step late, so that the host
     # dispatches step k + 1 before it waits for step k; a step about to be
     # saved is checked first, so no checkpoint holds a step past an
@@ -431,6 +469,8 @@ def train_and_evaluate(
         scalars.update(progress.report(done))
         writer.write(done, scalars)
         print(metrics.progress_line(done, total, scalars), flush=True)
+        if warning := progress.input_warning():
+          print(warning, flush=True)
       if config.eval_steps and done % config.eval_steps == 0 and done != total:
         writer.write(done, run_eval())
       preempted = preempt.reached(done)
@@ -479,13 +519,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
                             jax.local_device_count())
   source = pipeline.open_split(config.data.dataset, config.data.eval_split,
                                data_input.data_dir(config, workdir or '.'))
-  eval_fn = make_eval_step(model, mesh)
+  eval_fn = make_eval_step(config, model, mesh)
   weights, batch_stats = jax.device_put((weights, batch_stats), replicated)
   results = evaluate_weights(
       eval_fn, weights, batch_stats,
-      lambda: data_input.eval_batches(config, source,
-                                      global_batch=config.global_batch_size),
-      mesh)
+      data_input.eval_batches(config, source,
+                              global_batch=config.global_batch_size), mesh)
   print(f'{config.data.dataset}:{config.data.eval_split} of {where}: ' +
         '  '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
   return results

@@ -1,5 +1,6 @@
 """Host-side transforms (glmix_jax.data.augment) against timm's semantics."""
 
+import functools
 import io
 import math
 
@@ -7,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
+import jax
+import jax.numpy as jnp
+
 from configs import common
-from glmix_jax.data import augment
+from glmix_jax.data import augment, on_device
 
 BICUBIC = Image.Resampling.BICUBIC
 FILL = (124, 116, 104)  # round(255 * ImageNet mean), timm's RandAugment fill
@@ -45,10 +49,12 @@ def _cfg(size=32, **augmentation):
   return cfg
 
 
-def _normalized(img):
-  x = np.asarray(img, np.float32) / np.float32(255)
-  return ((x - np.float32(common.IMAGENET_MEAN))
-          / np.float32(common.IMAGENET_STD))
+def _pixels(img):
+  return np.asarray(img, np.uint8)
+
+
+def _train_image(data, rng, cfg):
+  return augment.train_transform(data, rng, cfg)['image']
 
 
 # ---------------------------------------------------------------------------
@@ -107,13 +113,13 @@ def test_train_crop_equals_torchvision_resized_crop():
   img = _pattern(60, 45)
   cfg = _cfg(hflip=0.0, randaugment='', random_erasing=0.0)
   for seed in range(3):
-    out = augment.train_transform(_encode(img), np.random.default_rng(seed),
+    out = _train_image(_encode(img), np.random.default_rng(seed),
                                   cfg)
     left, top, w, h = augment.random_resized_crop_box(
         60, 45, (0.08, 1.0), augment.RRC_RATIO, np.random.default_rng(seed))
     expected = img.crop((left, top, left + w, top + h)).resize((32, 32),
                                                                 BICUBIC)
-    np.testing.assert_array_equal(out, _normalized(expected))
+    np.testing.assert_array_equal(out, _pixels(expected))
 
 
 def test_no_crop_when_scale_is_none():
@@ -121,9 +127,9 @@ def test_no_crop_when_scale_is_none():
   cfg = _cfg(random_resized_crop_scale=None, hflip=0.0, randaugment=None,
              random_erasing=0.0)
   cfg.interpolation = 'bilinear'
-  out = augment.train_transform(_encode(img), np.random.default_rng(0), cfg)
+  out = _train_image(_encode(img), np.random.default_rng(0), cfg)
   expected = img.resize((32, 32), Image.Resampling.BILINEAR)
-  np.testing.assert_array_equal(out, _normalized(expected))
+  np.testing.assert_array_equal(out, _pixels(expected))
 
 
 def test_reduced_jpeg_decode_is_close_to_full_decode():
@@ -150,11 +156,11 @@ def test_flip_rate(p):
   img = _pattern(16, 16)
   cfg = _cfg(size=16, random_resized_crop_scale=None, hflip=p, randaugment='',
              random_erasing=0.0)
-  plain = _normalized(img)
+  plain = _pixels(img)
   mirrored = plain[:, ::-1]
   flips = 0
   for seed in range(400):
-    out = augment.train_transform(_encode(img), np.random.default_rng(seed),
+    out = _train_image(_encode(img), np.random.default_rng(seed),
                                   cfg)
     is_flipped = np.array_equal(out, mirrored)
     assert is_flipped or np.array_equal(out, plain)
@@ -301,36 +307,51 @@ def test_ops_drawn_and_applied_with_prob():
 
 def test_random_erasing_rate_and_boxes():
   size = 64
-  erased, areas, aspects, fills = 0, [], [], []
-  for seed in range(1000):
-    image = np.full((size, size, 3), 100.0, np.float32)
-    augment.random_erase(image, np.random.default_rng(seed), 0.25)
-    changed = (image != 100.0).any(axis=-1)
-    if not changed.any():
-      continue
-    erased += 1
-    rows, cols = np.nonzero(changed)
-    h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    assert changed.sum() == h * w  # one solid rectangle, every pixel noise
-    assert h < size and w < size
-    areas.append(h * w / size**2)
-    aspects.append(h / w)
-    fills.append(image[changed].ravel())
-  assert abs(erased / 1000 - 0.25) < 0.045  # 3.3 std
-  assert min(areas) >= 0.018 and max(areas) <= 0.34  # (0.02, 1/3) + rounding
-  assert min(aspects) >= 0.28 and max(aspects) <= 3.6  # (0.3, 1/0.3) + rounding
-  fills = np.concatenate(fills)
-  assert abs(fills.mean()) < 0.02 and abs(fills.std() - 1.0) < 0.02
+  boxes = np.stack([augment.random_erasing_box(size, size,
+                                               np.random.default_rng(seed),
+                                               0.25)
+                    for seed in range(1000)])
+  drawn = boxes[boxes[:, 2] > 0]
+  assert not boxes[boxes[:, 2] == 0].any()  # no box: all zero
+  assert abs(len(drawn) / 1000 - 0.25) < 0.045  # 3.3 std
+  top, left, h, w = drawn.T
+  assert (h < size).all() and (w < size).all()
+  assert (top + h <= size).all() and (left + w <= size).all()
+  areas, aspects = h * w / size**2, h / w
+  assert areas.min() >= 0.018 and areas.max() <= 0.34  # (0.02, 1/3) + rounding
+  assert aspects.min() >= 0.28 and aspects.max() <= 3.6  # (0.3, 1/0.3)
 
 
-def test_train_transform_erases_after_normalising():
-  """With p = 1 the box holds N(0, 1) values, not normalised pixels."""
+def test_erasing_fills_exactly_the_box_with_unit_noise():
+  images = jnp.full((3, 40, 48, 3), 7.0)
+  boxes = jnp.asarray([[5, 9, 20, 30], [0, 0, 0, 0], [39, 47, 1, 1]])
+  out = np.asarray(on_device.erase(images, boxes, jax.random.PRNGKey(0)))
+  changed = out != 7.0
+  np.testing.assert_array_equal(changed[0].any(-1),
+                                np.pad(np.ones((20, 30), bool),
+                                       ((5, 15), (9, 9))))
+  assert changed[0].all(-1).sum() == 20 * 30  # every channel of the box
+  assert not changed[1].any()
+  assert changed[2, 39, 47].all() and changed[2].sum() == 3
+  noise = out[0][changed[0]]
+  assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1.0) < 0.05
+  again = on_device.erase(images, boxes, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(out, again)
+
+
+def test_train_transform_draws_the_box_and_leaves_pixels_whole():
+  """With p = 1 an erasing box comes with the uint8 pixels, untouched: the
+  N(0, 1) fill needs the normalised image, on the device."""
   img = Image.new('RGB', (40, 40), (128, 128, 128))
   cfg = _cfg(hflip=0.0, randaugment='', random_erasing=1.0)
   out = augment.train_transform(_encode(img), np.random.default_rng(0), cfg)
-  background = _normalized(Image.new('RGB', (32, 32), (128, 128, 128)))
-  changed = (out != background).any(axis=-1)
-  assert 0.02 * 32**2 <= changed.sum() <= 32**2 / 3 + 40
+  np.testing.assert_array_equal(out['image'], np.full((32, 32, 3), 128))
+  top, left, h, w = out['erase_box']
+  assert out['erase_box'].dtype == np.int32
+  assert 0.02 * 32**2 <= h * w <= 32**2 / 3 + 40
+  assert top + h <= 32 and left + w <= 32
+  assert 'erase_box' not in augment.train_transform(
+      _encode(img), np.random.default_rng(0), _cfg(random_erasing=0.0))
 
 
 # ---------------------------------------------------------------------------
@@ -341,28 +362,34 @@ def test_eval_is_exact_center_crop_when_no_resize_needed():
   """Shorter side already floor(28 / 0.875) = 32: a pure crop."""
   img = _pattern(45, 32)
   out = augment.eval_transform(_encode(img), _cfg(size=28))
-  assert out.dtype == np.float32 and out.shape == (28, 28, 3)
+  assert out.dtype == np.uint8 and out.shape == (28, 28, 3)
   # torchvision: left = int(round(17 / 2)) = 8 (half to even), top = 2.
-  np.testing.assert_array_equal(out, _normalized(np.asarray(img)[2:30, 8:36]))
+  np.testing.assert_array_equal(out, _pixels(np.asarray(img)[2:30, 8:36]))
 
 
 def test_eval_resizes_shorter_side_then_crops():
   img = _pattern(75, 50)
   out = augment.eval_transform(_encode(img), _cfg(size=28))
   resized = img.resize((48, 32), BICUBIC)  # int(32 * 75 / 50) = 48
-  np.testing.assert_array_equal(out, _normalized(resized.crop((10, 2, 38, 30))))
+  np.testing.assert_array_equal(out, _pixels(resized.crop((10, 2, 38, 30))))
   tall = img.transpose(Image.Transpose.ROTATE_90)  # 50 x 75
   out = augment.eval_transform(_encode(tall), _cfg(size=28))
   expected = tall.resize((32, 48), BICUBIC).crop((2, 10, 30, 38))
-  np.testing.assert_array_equal(out, _normalized(expected))
+  np.testing.assert_array_equal(out, _pixels(expected))
 
 
-def test_normalisation_values():
-  img = Image.new('RGB', (32, 32), (0, 128, 255))
-  out = augment.eval_transform(_encode(img), _cfg(size=28))
+def test_normalisation_on_device_is_torchs():
+  """All 256 levels of every channel, jitted: within 1e-6 of torch's
+  ToTensor + Normalize in float32 ((x / 255 - m) / s)."""
+  levels = np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1)
   mean, std = np.float32(common.IMAGENET_MEAN), np.float32(common.IMAGENET_STD)
-  expected = (np.float32([0, 128, 255]) / np.float32(255) - mean) / std
-  np.testing.assert_array_equal(out[5, 7], expected)
+  torch_values = (levels.astype(np.float32) / np.float32(255) - mean) / std
+  normalize = jax.jit(functools.partial(on_device.normalize,
+                                        mean=common.IMAGENET_MEAN,
+                                        std=common.IMAGENET_STD))
+  out = normalize(levels)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, torch_values, rtol=0, atol=1e-6)
 
 
 def test_bad_interpolation_and_crop_pct():
@@ -385,18 +412,21 @@ def test_full_recipe_shape_and_determinism():
   cfg = _cfg(size=48)  # rand-m9-mstd0.5-inc1, erasing 0.25, flip 0.5
   outs = [augment.train_transform(data, np.random.default_rng(seed), cfg)
           for seed in (7, 7, 8)]
-  assert outs[0].dtype == np.float32 and outs[0].shape == (48, 48, 3)
-  np.testing.assert_array_equal(outs[0], outs[1])
-  assert not np.array_equal(outs[0], outs[2])
+  assert outs[0]['image'].dtype == np.uint8
+  assert outs[0]['image'].shape == (48, 48, 3)
+  assert set(outs[0]) == {'image', 'erase_box'}
+  for key in outs[0]:
+    np.testing.assert_array_equal(outs[0][key], outs[1][key])
+  assert not np.array_equal(outs[0]['image'], outs[2]['image'])
 
 
 def test_recipe_changes_images_often():
   """With RA at p 0.5 x 2 ops, about 3 in 4 images get at least one op."""
   data = _encode(_pattern(40, 40))
   cfg = _cfg(random_resized_crop_scale=None, hflip=0.0, random_erasing=0.0)
-  plain = _normalized(_pattern(40, 40).resize((32, 32), BICUBIC))
+  plain = _pixels(_pattern(40, 40).resize((32, 32), BICUBIC))
   changed = np.mean([
-      not np.array_equal(augment.train_transform(
+      not np.array_equal(_train_image(
           data, np.random.default_rng(seed), cfg), plain)
       for seed in range(300)])
   assert 0.65 < changed < 0.85

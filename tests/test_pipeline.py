@@ -4,6 +4,7 @@ labels end to end, exact resume, per-process splits, padded evaluation."""
 import functools
 import io
 import tarfile
+import time
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,10 @@ from glmix_jax.data import pipeline, synthetic
 def decode(data, rng=None):
   del rng
   return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.float32)
+
+
+def decode_uint8(data):
+  return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.uint8)
 
 
 def labelled(data, rng):
@@ -78,6 +83,67 @@ def test_processes_share_the_single_process_stream(train, processes):
     for key in ('image', 'label'):
       np.testing.assert_array_equal(
           np.concatenate([p[step][key] for p in parts]), single[step][key])
+
+
+def _recipe(size=32):
+  """The full training transform (RandAugment, erasing) at ``size``."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from glmix_jax.data import augment  # pylint: disable=g-import-not-at-top
+  cfg = common.imagenet_data()
+  cfg.image_size = size
+  cfg.augmentation = common.deit_augmentation()
+  return functools.partial(augment.train_transform, cfg=cfg)
+
+
+def test_batches_are_the_same_for_any_worker_and_thread_count(train):
+  """Worker processes, threads, prefetch and chunking change how the
+  stream is made, never what it holds: uint8 images, erasing boxes, labels,
+  bitwise, also from a resumed step and for evaluation."""
+  transform = _recipe()
+  expected = take(pipeline.train_batches(train, transform, seed=5,
+                                         global_batch=12, start_step=3), 3)
+  assert expected[0]['image'].dtype == np.uint8  # a quarter of float32
+  assert expected[0]['erase_box'].shape == (12, 4)
+  eval_expected = list(pipeline.eval_batches(train, decode_uint8,
+                                             local_batch=24))
+  for workers, threads, prefetch in [(0, 3, 1), (1, 1, 2), (2, 2, 3)]:
+    parallelism = dict(num_workers=workers, num_threads=threads,
+                       prefetch=prefetch)
+    stream = pipeline.train_batches(train, transform, seed=5, global_batch=12,
+                                    start_step=3, **parallelism)
+    batches = take(stream, 3)
+    stream.close()  # stops the workers
+    for got, want in zip(batches, expected):
+      assert got.keys() == want.keys()
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    evaluated = list(pipeline.eval_batches(train, decode_uint8,
+                                           local_batch=24, **parallelism))
+    assert len(evaluated) == len(eval_expected)
+    for got, want in zip(evaluated, eval_expected):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_prefetch_holds_a_few_batches_whatever_the_batch_size(train):
+  """With the loop stalled (device-bound), the pipeline makes at most the
+  batch handed out, ``prefetch`` ready ones, one being joined and a chunk
+  per reading thread: a bound in batches, not in images."""
+  for batch, prefetch in [(8, 1), (64, 2)]:
+    made = []
+
+    def counted(data, rng, made=made):
+      made.append(1)
+      return decode(data, rng)
+
+    stream = pipeline.train_batches(train, counted, seed=0,
+                                    global_batch=batch, num_threads=2,
+                                    prefetch=prefetch)
+    next(stream)
+    time.sleep(1.5)  # ample time to run ahead, were it unbounded
+    chunk = pipeline.chunk_size(batch)
+    assert len(made) <= (2 + prefetch) * batch + 2 * chunk, (batch, prefetch)
+    stream.close()
 
 
 def test_each_epoch_reads_every_record_once():
@@ -210,10 +276,10 @@ def test_labels_survive_the_real_transforms(train):
       eval_crop_pct=0.875, augmentation=dict(
           random_resized_crop_scale=(0.08, 1.0), hflip=0.5, randaugment='',
           random_erasing=0.0)))
-  mean, std = np.array(data.mean) * 255, np.array(data.std) * 255
 
   def read(images):
-    return [synthetic.label_from_pixels(x * std + mean) for x in images]
+    assert images.dtype == np.uint8  # normalised on the device
+    return [synthetic.label_from_pixels(x) for x in images]
 
   batch = next(pipeline.train_batches(
       train, lambda b, rng: augment.train_transform(b, rng, cfg), seed=0,
@@ -233,8 +299,9 @@ class _Predict(nn.Module):
   @nn.compact
   def __call__(self, images, train=False):
     del train
-    return jax.nn.one_hot(images[:, 0, 0, 0].astype(jnp.int32),
-                          self.num_classes)
+    # The step normalises with mean 0, std 1: the class is x / 255.
+    return jax.nn.one_hot(jnp.round(images[:, 0, 0, 0] * 255).astype(
+        jnp.int32), self.num_classes)
 
 
 @pytest.mark.parametrize('processes', [1, 2])
@@ -243,7 +310,7 @@ def test_real_labels_score_every_rated_image_once(processes):
   sets, some empty) give ReaL top-1 over the rated images only."""
   predictions = [0, 1, 2, 3, 4, 5, 0, 1, 2]
   real_sets = [[0], [2, 1], [3], [], [4, 5, 0], [], [1], [1], [2]]
-  source = [dict(image=np.full((4, 4, 3), p, np.float32), original_label=p,
+  source = [dict(image=np.full((4, 4, 3), p, np.uint8), original_label=p,
                  real_label=np.asarray(r, np.int64))
             for p, r in zip(predictions, real_sets)]
   batches = []
@@ -253,7 +320,9 @@ def test_real_labels_score_every_rated_image_once(processes):
   assert all(b['real_labels'].shape == (4, pipeline.MAX_REAL_LABELS)
              for b in batches)
   mesh = jax.make_mesh((4,), (sharding.DATA_AXIS,), devices=jax.devices()[:4])
-  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=_Predict()))
+  eval_fn = jax.jit(functools.partial(
+      train_lib.eval_step, model=_Predict(),
+      pixels=train_lib.PixelStats(mean=(0.0,) * 3, std=(1.0,) * 3)))
   scores = train_lib.evaluate(eval_fn, {}, {}, batches, mesh)
   # Rated: 7 images; the prediction is among the real labels for 5 of them.
   assert scores['real_count'] == 7 and scores['count'] == 9

@@ -57,13 +57,14 @@ def step_and_inputs(name, size, overrides, *, mesh, dtype='float32'):
   augmentation = common.deit_augmentation()
   augmentation.mix_group_size = 2
   config = ml_collections.ConfigDict(dict(
-      augmentation=augmentation, data=dict(num_classes=10), seed=0,
+      augmentation=augmentation, data=dict(num_classes=10, mean=common.IMAGENET_MEAN,
+                std=common.IMAGENET_STD), seed=0,
       ema_decay=0.9999))
   tx = optax.adamw(1e-3, weight_decay=0.05)
   state = jax.eval_shape(lambda: train_lib.init_state(
       model, tx, (1, size, size, 3), 0, True))
   settings = mix.MixSettings.from_config(augmentation)
-  batch = dict(image=np.zeros((BATCH, size, size, 3), np.float32),
+  batch = dict(image=np.zeros((BATCH, size, size, 3), np.uint8),
                label=np.zeros(BATCH, np.int32),
                **mix.draw(settings, seed=0, step=0, batch=BATCH, height=size,
                           width=size))

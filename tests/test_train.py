@@ -6,6 +6,7 @@ import functools
 import json
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import hlo
 from conftest import ROOT, subprocess_env, train_cmd
 from configs import tiny
-from glmix_jax import optim, sharding, train_lib
+from glmix_jax import metrics, optim, sharding, train_lib
 from glmix_jax.data import mix
 
 
@@ -42,6 +43,54 @@ def test_tiny_run_trains_logs_and_evaluates(reference_run):
   assert final['eval_count'] == final['ema_eval_count'] == 10  # 10 % of 96
   assert (reference_run / 'config.json').exists()
   assert list((reference_run / 'checkpoints').iterdir())
+  # Every report but the first (which includes compiling).
+  waits = [r['input_wait'] for r in records[1:] if 'loss' in r]
+  assert len(waits) == 11 and all(0 <= w < 1 for w in waits)
+
+
+def test_worker_processes_train_the_same_run(tmp_path, reference_run):
+  """Two input worker processes (spawned under train.py's absl app): the
+  same batches, so the same losses to the bit, and the input-wait figure in
+  the progress line."""
+  done = run_train(tmp_path / 'run', '--config.data.num_workers=2',
+                   '--config.data.num_threads=1')
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'input wait ' in done.stdout
+  runs = [[json.loads(l) for l in (d / 'metrics.jsonl').read_text()
+           .splitlines()] for d in (reference_run, tmp_path / 'run')]
+  losses = [[r['loss'] for r in records if 'loss' in r] for records in runs]
+  assert losses[0] == losses[1]
+  assert runs[0][-1]['eval_top1'] == runs[1][-1]['eval_top1']
+
+
+def _timed_loop(input_seconds, step_seconds, steps=12):
+  """``steps`` of a loop that waits ``input_seconds`` for each batch and
+  computes ``step_seconds``; the input-wait figure of its report."""
+  def slow_batches():
+    while True:
+      time.sleep(input_seconds)
+      yield {}
+  inputs = metrics.TimedInput(slow_batches())
+  progress = metrics.Progress(steps, 16, 0, inputs=inputs,
+                              raise_input='--config.data.num_workers')
+  progress.report(0)
+  for _ in range(steps):
+    next(inputs)
+    time.sleep(step_seconds)
+  return progress.report(steps)['input_wait'], progress
+
+
+def test_input_wait_is_the_share_of_time_spent_waiting_for_batches():
+  wait, progress = _timed_loop(0.03, 0.03)
+  assert 0.35 < wait < 0.65
+  warning = progress.input_warning()
+  assert 'input-bound' in warning and '--config.data.num_workers' in warning
+  assert '\n' not in warning
+  assert progress.input_warning() is None  # said once
+  assert metrics.progress_line(12, 12, {'input_wait': wait}).endswith(
+      f'input wait {wait:.0%}')
+  wait, progress = _timed_loop(0.0, 0.03)
+  assert wait < 0.05 and progress.input_warning() is None
 
 
 def test_eval_reproduces_the_final_evaluation_of_training(reference_run):
@@ -108,7 +157,7 @@ def tiny_setup(batch=16, optimizer='adamw', accum_steps=1, mesh=None,
           state, mesh, min_size=FSDP_MIN_SIZE), donate=False)
   rng = np.random.default_rng(0)
   settings = mix.MixSettings.from_config(config.augmentation)
-  batches = [dict(image=rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+  batches = [dict(image=rng.integers(0, 256, (batch, 32, 32, 3), np.uint8),
                   label=rng.integers(0, 4, batch),
                   **mix.draw(settings, seed=0, step=i, batch=batch, height=32,
                              width=32)) for i in range(2)]
@@ -194,11 +243,13 @@ def test_gradient_accumulation_updates_every_k_passes():
   np.testing.assert_allclose(metrics["lr"], 1e-3)  # update 0 of the schedule
 
 
-def test_non_finite_batch_is_skipped_and_reported():
+def test_non_finite_step_is_skipped_and_reported():
   state, step, batches = tiny_setup()
-  bad = dict(batches[0], image=batches[0]['image'].copy())
-  bad['image'][3, 5, 5, 0] = np.nan
-  after, metrics = step(state, bad)
+  # uint8 pixels cannot be NaN; a diverged weight makes the loss NaN.
+  head = dict(state.params['head'],
+              bias=state.params['head']['bias'].at[1].set(np.nan))
+  state = state.replace(params=dict(state.params, head=head))
+  after, metrics = step(state, batches[0])
   assert not bool(metrics['finite'])
   assert int(after.step) == 1 and int(after.bad_steps) == 1
   jax.tree_util.tree_map(np.testing.assert_array_equal,

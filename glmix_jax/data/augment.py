@@ -12,9 +12,11 @@ Evaluation reproduces ``transforms_imagenet_eval``: resize the shorter side to
 floor(S / crop_pct) (torchvision ``Resize(int)`` size rounding), centre-crop S
 (torchvision ``CenterCrop`` offset rounding), normalise.
 
-Images stay uint8 Pillow images until the final normalisation, like timm's PIL
-path, so every geometric and colour op is the same Pillow call timm makes. The
-output is float32 HWC (not torch's CHW) because the models are NHWC.
+Images stay uint8 Pillow images throughout, like timm's PIL path, so every
+geometric and colour op is the same Pillow call timm makes. The host stops at
+uint8 HWC pixels (not torch's CHW: the models are NHWC) and the erasing box;
+``ToTensor + Normalize`` and the erasing noise run on the device, in the
+jitted step (``on_device``), so a quarter of float32's bytes cross to it.
 
 All randomness comes from the ``np.random.Generator`` passed in, so the output
 is a pure function of (bytes, generator state). The draws are made in a
@@ -131,20 +133,22 @@ def random_resized_crop_box(width: int, height: int, scale: Sequence[float],
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def random_erase(image: np.ndarray, rng: np.random.Generator,
-                 probability: float, *, min_area: float = 0.02,
-                 max_area: float = 1.0 / 3.0,
-                 min_aspect: float = 0.3) -> np.ndarray:
-  """timm ``RandomErasing(probability, mode='pixel', max_count=1)``, in place.
+def random_erasing_box(height: int, width: int, rng: np.random.Generator,
+                       probability: float, *, min_area: float = 0.02,
+                       max_area: float = 1.0 / 3.0,
+                       min_aspect: float = 0.3) -> np.ndarray:
+  """The box of timm ``RandomErasing(probability, mode='pixel', max_count=1)``.
 
   With probability ``probability``, up to ten tries at a box with area
   fraction ~ U(min_area, max_area) and log aspect ~ U(+-log(1/min_aspect))
-  strictly smaller than the image; the first that fits is filled with N(0, 1)
-  noise per pixel and channel (the image is already normalised, so that is
-  noise at the data's own scale).
+  strictly smaller than the image, at a uniform position. The first that fits
+  is the box; ``on_device.erase`` fills it with N(0, 1) noise per pixel and
+  channel of the normalised image (noise at the data's own scale), which is
+  why the fill happens on the device, after normalisation.
 
   Args:
-    image: normalised float32 (H, W, C), modified in place.
+    height: the image's size.
+    width: see ``height``.
     rng: the randomness.
     probability: chance that an image gets a box.
     min_area: timm's defaults, which the recipes use.
@@ -152,21 +156,21 @@ def random_erase(image: np.ndarray, rng: np.random.Generator,
     min_aspect: see ``min_area``.
 
   Returns:
-    ``image``.
+    int32 ``(top, left, box_height, box_width)``; all zero for no box.
   """
+  box = np.zeros(4, np.int32)
   if rng.random() > probability:
-    return image
-  img_h, img_w, channels = image.shape
+    return box
   log_ratio = (math.log(min_aspect), -math.log(min_aspect))
   for _ in range(10):
-    w, h = _sample_box_size(img_h * img_w, (min_area, max_area), log_ratio, rng)
-    if w < img_w and h < img_h:
-      top = int(rng.integers(0, img_h - h, endpoint=True))
-      left = int(rng.integers(0, img_w - w, endpoint=True))
-      image[top:top + h, left:left + w] = rng.standard_normal(
-          (h, w, channels), dtype=np.float32)
+    w, h = _sample_box_size(height * width, (min_area, max_area), log_ratio,
+                            rng)
+    if w < width and h < height:
+      top = int(rng.integers(0, height - h, endpoint=True))
+      left = int(rng.integers(0, width - w, endpoint=True))
+      box[:] = top, left, h, w
       break
-  return image
+  return box
 
 
 # ---------------------------------------------------------------------------
@@ -445,19 +449,9 @@ def _resample(cfg: ml_collections.ConfigDict) -> int:
   return RESAMPLE[cfg.interpolation]
 
 
-def normalize(img: Image.Image, mean: Sequence[float],
-              std: Sequence[float]) -> np.ndarray:
-  """torch ``ToTensor`` + ``Normalize`` in float32, HWC: (x / 255 - m) / s.
-
-  The same float32 operations in the same order as torch, so the values are
-  identical; in place, because fresh 600 kB temporaries cost more (page
-  faults) than the arithmetic.
-  """
-  x = np.asarray(img, dtype=np.float32)
-  x /= np.float32(255.0)
-  x -= np.asarray(mean, np.float32)
-  x /= np.asarray(std, np.float32)
-  return x
+def _pixels(img: Image.Image) -> np.ndarray:
+  """uint8 HWC; ``on_device.normalize`` makes timm's float tensor of it."""
+  return np.asarray(img, dtype=np.uint8)
 
 
 def _resized_crop(img: Image.Image, box: Box, size: int,
@@ -495,7 +489,7 @@ def _resized_crop(img: Image.Image, box: Box, size: int,
 
 
 def train_transform(data: bytes, rng: np.random.Generator,
-                    cfg: ml_collections.ConfigDict) -> np.ndarray:
+                    cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """timm's training transform (see the module docstring) on encoded bytes.
 
   Args:
@@ -509,7 +503,9 @@ def train_transform(data: bytes, rng: np.random.Generator,
       ``random_erasing`` (probability; 0 is off).
 
   Returns:
-    float32 (S, S, 3), normalised.
+    ``{'image': uint8 (S, S, 3)}``, and with random erasing on
+    ``'erase_box'``: int32 (4,) from ``random_erasing_box``. Normalisation and
+    the erasing noise follow on the device (``on_device``).
   """
   aug = cfg.augmentation
   resample = _resample(cfg)
@@ -530,10 +526,11 @@ def train_transform(data: bytes, rng: np.random.Generator,
     fill = tuple(min(255, round(255 * m)) for m in cfg.mean)
     img = rand_augment(img, parse_randaugment(aug.randaugment), rng,
                        fill=fill, resample=resample)
-  image = normalize(img, cfg.mean, cfg.std)
+  out = {'image': _pixels(img)}
   if aug.random_erasing:
-    random_erase(image, rng, aug.random_erasing)
-  return image
+    out['erase_box'] = random_erasing_box(cfg.image_size, cfg.image_size, rng,
+                                          aug.random_erasing)
+  return out
 
 
 def eval_transform(data: bytes, cfg: ml_collections.ConfigDict) -> np.ndarray:
@@ -549,7 +546,7 @@ def eval_transform(data: bytes, cfg: ml_collections.ConfigDict) -> np.ndarray:
       ``mean``, ``std``.
 
   Returns:
-    float32 (S, S, 3), normalised.
+    uint8 (S, S, 3); ``on_device.normalize`` follows in the step.
   """
   if not 0.0 < cfg.eval_crop_pct <= 1.0:
     raise ValueError(
@@ -567,4 +564,4 @@ def eval_transform(data: bytes, cfg: ml_collections.ConfigDict) -> np.ndarray:
   left = int(round((new_size[0] - size) / 2.0))
   top = int(round((new_size[1] - size) / 2.0))
   img = img.crop((left, top, left + size, top + size))
-  return normalize(img, cfg.mean, cfg.std)
+  return _pixels(img)

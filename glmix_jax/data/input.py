@@ -10,6 +10,7 @@ first use, so a demo needs nothing but the code.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Iterator
 
 import jax
@@ -28,6 +29,24 @@ def transform_config(config: ml_collections.ConfigDict
       image_size=data.image_size, interpolation=data.interpolation,
       mean=data.mean, std=data.std, eval_crop_pct=data.eval_crop_pct,
       augmentation=config.augmentation))
+
+
+def num_workers(config: ml_collections.ConfigDict) -> int:
+  """``data.num_workers``; -1: one per core this process may use (its CPU
+  affinity, which a launcher that binds cores per task narrows), less an
+  eighth (at least one) kept for the trainer: its dispatch, the host-to-device
+  copies and the runtime's threads."""
+  requested = config.data.num_workers
+  if requested >= 0:
+    return requested
+  cores = len(os.sched_getaffinity(0))
+  return max(1, cores - max(1, cores // 8))
+
+
+def _parallelism(config: ml_collections.ConfigDict) -> dict[str, int]:
+  return dict(num_workers=num_workers(config),
+              num_threads=config.data.num_threads,
+              prefetch=config.data.prefetch)
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
@@ -55,7 +74,7 @@ def train_batches(config: ml_collections.ConfigDict, source, *,
       seed=config.seed, global_batch=global_batch, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
       repeats=config.augmentation.repeated_augmentation,
-      num_threads=config.data.num_threads)
+      **_parallelism(config))
   settings = mix.MixSettings.from_config(config.augmentation)
   if not settings.enabled:
     return batches
@@ -75,4 +94,4 @@ def eval_batches(config: ml_collections.ConfigDict, source, *,
       functools.partial(augment.eval_transform, cfg=transform_config(config)),
       local_batch=global_batch // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_threads)
+      **_parallelism(config))

@@ -25,28 +25,43 @@ and process count. Datasets with ImageNet-ReaL labels (``imagenet2012_real``)
 also yield ``'real_labels'``, each example's set of plausible classes padded
 with -1 to ``MAX_REAL_LABELS``.
 
-Decoding and augmentation run in Grain worker threads (Pillow releases the GIL
-for decoding and resizing).
+Decoding and augmentation run in ``num_workers`` Grain worker processes
+(``mp_prefetch``; 0 runs them in this process), with ``num_threads`` threads
+in each. A worker makes whole chunks of consecutive examples (at most
+``MAX_CHUNK``, dividing the batch), worker w the chunks w, w + W, ...; this
+process interleaves them in order and joins them into batches, so the batches
+are the same for any worker and thread count, and a worker holds one chunk,
+not one batch, whatever the batch size. ``prefetch`` whole batches wait
+ready, no more.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterator
+import signal
+from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
+from absl import flags
 
 from glmix_jax.errors import DatasetError, reason
 
 Batch = dict[str, np.ndarray]
-TrainTransform = Callable[[bytes, np.random.Generator], np.ndarray]
-EvalTransform = Callable[[bytes], np.ndarray]
+# A transform returns the image, or a dict of fields that includes 'image'
+# (e.g. ``augment.train_transform``'s erasing box).
+TrainTransform = Callable[[bytes, np.random.Generator], Any]
+EvalTransform = Callable[[bytes], Any]
 
 # ImageNet-ReaL (Beyer et al. 2020) gives an image at most 10 plausible
 # classes; an empty set marks an image the raters could not label.
 MAX_REAL_LABELS = 10
+
+# The most examples a worker makes per hand-over: large enough that the hand-
+# over (a shared-memory copy and a pickle) costs little per image, small
+# enough that W workers hold W chunks, not W batches, of host memory.
+MAX_CHUNK = 32
 
 
 def open_split(dataset: str, split: str, data_dir: str | None = None):
@@ -106,11 +121,13 @@ def train_record_index(position: int, *, seed: int, num_records: int,
 def train_batches(source, transform: TrainTransform, *, seed: int,
                   global_batch: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1,
-                  repeats: int = 1, num_threads: int = 8) -> Iterator[Batch]:
+                  repeats: int = 1, num_workers: int = 0,
+                  num_threads: int = 2, prefetch: int = 2) -> Iterator[Batch]:
   """Endless training batches of this process, from ``start_step`` on.
 
   Yields:
-    ``{'image': (local_batch, ...) from transform, 'label': (local_batch,)}``.
+    ``{'image': (local_batch, ...), 'label': (local_batch,)}`` and any other
+    fields the transform returns, stacked.
   """
   if global_batch % process_count:
     raise ValueError(f'Global batch size {global_batch} is not divisible by '
@@ -126,17 +143,19 @@ def train_batches(source, transform: TrainTransform, *, seed: int,
     index = train_record_index(position, seed=seed, num_records=num_records,
                                repeats=repeats)
     record = read_record(source, index)
-    image = _decoded(source, index, record, transform,
-                     np.random.default_rng([seed, position]))
-    return {'image': image, 'label': np.asarray(record['label'], np.int64)}
+    fields = _decoded(source, index, record, transform,
+                      np.random.default_rng([seed, position]))
+    return {**fields, 'label': np.asarray(record['label'], np.int64)}
 
   examples = grain.MapDataset.range(2**62).map(example)
-  yield from _batched(examples, local, num_threads)
+  yield from _batched(examples, local, num_workers=num_workers,
+                      num_threads=num_threads, prefetch=prefetch)
 
 
 def eval_batches(source, transform: EvalTransform, *, local_batch: int,
                  process_index: int = 0, process_count: int = 1,
-                 num_threads: int = 8) -> Iterator[Batch]:
+                 num_workers: int = 0, num_threads: int = 2,
+                 prefetch: int = 2) -> Iterator[Batch]:
   """This process's evaluation batches, padded, with a ``'mask'``.
 
   Every process yields ``eval_steps(len(source), ...)`` batches, so all of
@@ -156,7 +175,8 @@ def eval_batches(source, transform: EvalTransform, *, local_batch: int,
     return padding
 
   examples = grain.MapDataset.range(steps * local_batch).map(example)
-  yield from _batched(examples, local_batch, num_threads)
+  yield from _batched(examples, local_batch, num_workers=num_workers,
+                      num_threads=num_threads, prefetch=prefetch)
 
 
 def eval_example(source, index: int, transform: EvalTransform) -> Batch:
@@ -165,7 +185,7 @@ def eval_example(source, index: int, transform: EvalTransform) -> Batch:
   ``real_labels`` padded with -1."""
   record = read_record(source, index)
   label = record['label'] if 'label' in record else record['original_label']
-  example = {'image': _decoded(source, index, record, transform),
+  example = {**_decoded(source, index, record, transform),
              'label': np.asarray(label, np.int64), 'mask': np.asarray(True)}
   if 'real_label' in record:
     real = np.asarray(record['real_label'], np.int64).reshape(-1)
@@ -190,11 +210,13 @@ def read_record(source, index: int) -> dict:
     ) from e
 
 
-def _decoded(source, index: int, record: dict, transform, *args):
-  """``transform(record['image'], *args)``; an image Pillow cannot decode
-  is a DatasetError naming its record."""
+def _decoded(source, index: int, record: dict, transform,
+             *args) -> dict[str, np.ndarray]:
+  """``transform(record['image'], *args)`` as a dict of fields; an image
+  Pillow cannot decode is a DatasetError naming its record."""
   try:
-    return transform(record['image'], *args)
+    out = transform(record['image'], *args)
+    return out if isinstance(out, dict) else {'image': out}
   except (OSError, SyntaxError, ValueError) as e:  # Pillow's decode errors
     raise DatasetError(
         f'Cannot decode the image of {_record_name(source, index, record)} '
@@ -241,10 +263,56 @@ def eval_steps(num_records: int, local_batch: int, process_count: int) -> int:
   return max(1, math.ceil(largest / local_batch))
 
 
-def _batched(examples: grain.MapDataset, batch: int,
-             num_threads: int) -> Iterator[Batch]:
-  batches = examples.batch(batch, drop_remainder=True).to_iter_dataset(
+def chunk_size(batch: int) -> int:
+  """The examples a worker makes at a time: the largest divisor of the
+  batch up to ``MAX_CHUNK``."""
+  return max(d for d in range(1, min(batch, MAX_CHUNK) + 1) if batch % d == 0)
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+  """In each worker: SIGTERM / SIGINT sent to the whole process group (a
+  preemption, Ctrl-C) are this process's to handle; the workers keep the
+  input flowing until it saves and closes them."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _join(chunks: list[Batch]) -> Batch:
+  return {name: np.concatenate([c[name] for c in chunks])
+          for name in chunks[0]}
+
+
+def _batched(examples: grain.MapDataset, batch: int, *, num_workers: int,
+             num_threads: int, prefetch: int) -> Iterator[Batch]:
+  """Batches of consecutive examples, made as described in the module
+  docstring."""
+  if num_workers < 0 or num_threads < 1 or prefetch < 1:
+    raise ValueError(
+        f'num_workers={num_workers}, num_threads={num_threads}, '
+        f'prefetch={prefetch}: use num_workers >= 0 (0: in this process), '
+        'num_threads >= 1 and prefetch >= 1.')
+  chunk = chunk_size(batch)
+  # Each reading thread keeps one chunk ready.
+  chunks = examples.batch(chunk, drop_remainder=True).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads,
-                        prefetch_buffer_size=2 * batch))
-  for columns in batches:
-    yield {name: np.asarray(column) for name, column in columns.items()}
+                        prefetch_buffer_size=num_threads))
+  if num_workers:
+    if not flags.FLAGS.is_parsed():
+      # Grain's workers read its absl flags; outside an absl app (a notebook,
+      # a test) they are unparsed, and their defaults are what we want.
+      flags.FLAGS.mark_as_parsed()
+    chunks = chunks.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers,
+                                     per_worker_buffer_size=1),
+        worker_init_fn=_ignore_interrupts)
+  batches = grain.experimental.ThreadPrefetchIterDataset(
+      chunks.batch(batch // chunk, drop_remainder=True, batch_fn=_join),
+      prefetch_buffer_size=prefetch)
+  iterator = iter(batches)
+  try:
+    yield from iterator
+  finally:  # stops the workers at once, not when garbage-collected
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+      close()
