@@ -72,9 +72,10 @@ def main():
              f'--workdir={workdir}', '--config.log_steps=1', *args.overrides]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   start = time.perf_counter()
-  train = subprocess.Popen(command, cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+  # To a file, not a pipe: an unread pipe fills and blocks the trainer.
+  log = open(workdir.parent / 'train.log', 'w+')  # pylint: disable=consider-using-with
+  train = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                           stderr=subprocess.STDOUT, text=True)
   process = psutil.Process(train.pid)
   samples = []
   while train.poll() is None:
@@ -83,13 +84,16 @@ def main():
                         step=_steps(workdir), trainer_mb=main_mb,
                         workers_mb=workers_mb, workers=workers))
     time.sleep(args.every)
-  output = train.stdout.read()
+  log.seek(0)
+  output = log.read()
+  log.close()
   if train.returncode:
     sys.exit(f'train.py failed:\n{output[-3000:]}')
   total = samples[-1]['step'] if samples else 0
-  # The second half of the run: after start-up, compilation and the first
-  # checkpoint; drift there is what a long run would accumulate.
-  half = [s for s in samples if s['step'] >= total / 2 and s['trainer_mb']]
+  # The second half of the training steps (after start-up, compilation and
+  # the first checkpoint; before the final evaluation, whose input workers
+  # replace the training ones): drift there is what a long run accumulates.
+  half = [s for s in samples if total / 2 <= s['step'] < total]
   first, last = half[0], half[-1]
   drift = {key: last[key] - first[key] for key in ('trainer_mb', 'workers_mb')}
   steps = last['step'] - first['step']

@@ -423,9 +423,12 @@ def train_and_evaluate(
                               accum_steps=plan.accum_steps, mesh=mesh,
                               shardings=shardings)
     eval_fn = make_eval_step(config, model, mesh)
-    batches = sharding.device_batches(
-        data_input.train_batches(config, train_source, start_step=start,
-                                 global_batch=plan.pass_batch), mesh)
+    train_input = data_input.train_batches(
+        config, train_source, start_step=start, global_batch=plan.pass_batch)
+    # Closed on any way out (and before the final evaluation): stops the
+    # input workers and frees their shared-memory buffers.
+    stack.callback(train_input.close)
+    batches = sharding.device_batches(train_input, mesh)
     if start < plan.total_passes:  # compiled before the loop, on every host
       first = next(batches)
       step_fn = step_fn.lower(state, first).compile()
@@ -484,6 +487,7 @@ def train_and_evaluate(
         return {}
     if pending is not None:
       check_finite(*pending)
+    train_input.close()
     results = run_eval()
     writer.write(int(state.step), results)
   print('Final evaluation: ' + '  '.join(

@@ -64,7 +64,9 @@ def step_and_inputs(name, size, overrides, *, mesh, dtype='float32'):
   state = jax.eval_shape(lambda: train_lib.init_state(
       model, tx, (1, size, size, 3), 0, True))
   settings = mix.MixSettings.from_config(augmentation)
+  # The recipe's batch: uint8 pixels, random-erasing boxes, mixing draws.
   batch = dict(image=np.zeros((BATCH, size, size, 3), np.uint8),
+               erase_box=np.zeros((BATCH, 4), np.int32),
                label=np.zeros(BATCH, np.int32),
                **mix.draw(settings, seed=0, step=0, batch=BATCH, height=size,
                           width=size))

@@ -51,7 +51,9 @@ def erase(images: jax.Array, boxes: jax.Array, key: jax.Array) -> jax.Array:
     images: normalised float (B, H, W, C).
     boxes: int (B, 4) ``(top, left, height, width)``; height 0 erases nothing.
     key: the randomness of the whole (global) batch; the noise depends on the
-      batch's global shape only, not on how it is split over devices.
+      batch's global shape only, not on how it is split over devices, and
+      with JAX's partitionable threefry (the default) each device draws its
+      own shard of it, with no communication (tests/test_scale.py).
 
   Returns:
     ``images`` with the boxes replaced.

@@ -37,9 +37,11 @@ ready, no more.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import signal
+import sys
 from typing import Any, Callable, Iterator
 
 import grain
@@ -269,13 +271,18 @@ def chunk_size(batch: int) -> int:
   return max(d for d in range(1, min(batch, MAX_CHUNK) + 1) if batch % d == 0)
 
 
-def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+def _worker_signals(worker_index: int, worker_count: int) -> None:
   """In each worker: SIGTERM / SIGINT sent to the whole process group (a
-  preemption, Ctrl-C) are this process's to handle; the workers keep the
-  input flowing until it saves and closes them."""
+  preemption, Ctrl-C) are the trainer's to handle, so the workers keep the
+  input flowing until it saves and closes them; and a trainer that dies
+  without closing them (SIGKILL, the OOM killer) takes them with it (Linux's
+  parent-death signal), rather than leaving them blocked on a full buffer."""
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  if sys.platform.startswith('linux'):
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _join(chunks: list[Batch]) -> Batch:
@@ -298,6 +305,10 @@ def _batched(examples: grain.MapDataset, batch: int, *, num_workers: int,
       grain.ReadOptions(num_threads=num_threads,
                         prefetch_buffer_size=num_threads))
   if num_workers:
+    # Arrays of a few bytes (labels, masks, boxes) travel pickled; only the
+    # images go through shared memory.
+    chunks = grain.experimental.WithOptionsIterDataset(
+        chunks, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
     if not flags.FLAGS.is_parsed():
       # Grain's workers read its absl flags; outside an absl app (a notebook,
       # a test) they are unparsed, and their defaults are what we want.
@@ -305,7 +316,7 @@ def _batched(examples: grain.MapDataset, batch: int, *, num_workers: int,
     chunks = chunks.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers,
                                      per_worker_buffer_size=1),
-        worker_init_fn=_ignore_interrupts)
+        worker_init_fn=_worker_signals)
   batches = grain.experimental.ThreadPrefetchIterDataset(
       chunks.batch(batch // chunk, drop_remainder=True, batch_fn=_join),
       prefetch_buffer_size=prefetch)
