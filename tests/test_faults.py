@@ -19,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 
 from conftest import ROOT, start_two_processes, subprocess_env, train_cmd
@@ -126,8 +127,11 @@ def test_non_finite_guard_in_two_processes(tiny_run, tmp_path):
 
 
 def test_sigterm_then_sigkill_during_saves_resume_bitwise(tiny_run, tmp_path):
-  # A save every step (an execution field: the run is the reference run).
-  flags = (data_flag(tiny_run), '--config.checkpoint_steps=1')
+  # A save every step, and input from two worker processes (execution
+  # fields: the run is the reference run, which made its input in-process).
+  # The workers outlive neither the SIGTERM nor the SIGKILL of the trainer.
+  flags = (data_flag(tiny_run), '--config.checkpoint_steps=1',
+           '--config.data.num_workers=2', '--config.data.num_threads=1')
   checkpoints = tmp_path / 'checkpoints'
   # SIGTERM while a save is in flight: the forced save still commits.
   process = subprocess.Popen(train_cmd(tmp_path, *flags), cwd=ROOT,
@@ -150,8 +154,12 @@ def test_sigterm_then_sigkill_during_saves_resume_bitwise(tiny_run, tmp_path):
                              env=subprocess_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   in_flight = wait_for_save_in_flight(process, checkpoints, saved + 1)
+  workers = psutil.Process(process.pid).children(recursive=True)
+  assert workers  # the input workers (and multiprocessing's tracker)
   process.kill()  # no handler runs, the save stays half-written
   process.wait()
+  _, alive = psutil.wait_procs(workers, timeout=30)
+  assert not alive, alive  # orphaned workers would block on a full buffer
   assert in_flight in steps_on_disk(tmp_path)
   committed = checkpoint.latest_train_state(tmp_path)[0]
   assert saved < committed < int(in_flight.split('.')[0])

@@ -49,23 +49,32 @@ def test_variables_and_macs_are_those_of_the_default_model(name):
           == summary.count_macs(default, variables, shape)[0])
 
 
-@pytest.mark.parametrize('options', OPTIONS, ids=str)
-def test_outputs_gradients_and_slot_logits_equal_the_default_model(options):
+def _gradients_and_state(model, variables, images):
+  """Train-mode gradients of sum(out^2), batch statistics and slot logits."""
+  def loss(params):  # train mode: batch statistics; drop path is off in TINY
+    out, state = model.apply({**variables, 'params': params}, images,
+                             train=True,
+                             mutable=['batch_stats', 'intermediates'])
+    return jnp.sum(jnp.square(out)), state
+  return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+
+
+@pytest.fixture(name='default_run', scope='module')
+def _default_run():
+  """The default GLNet-4G's variables, images, gradients and state, computed
+  once for every option (each option compiles only its own model)."""
   default = models.build('glnet_4g', **TINY)
-  model = models.build('glnet_4g', **TINY, **options)
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
   variables = jax.jit(default.init)(jax.random.PRNGKey(0), images)
+  return variables, images, _gradients_and_state(default, variables, images)
 
-  @jax.jit
-  def outputs(params):
-    def loss(m, p):  # train mode: batch statistics; drop path is off in TINY
-      out, state = m.apply({**variables, 'params': p}, images, train=True,
-                           mutable=['batch_stats', 'intermediates'])
-      return jnp.sum(jnp.square(out)), state
-    return [jax.grad(loss, argnums=1, has_aux=True)(m, params)
-            for m in (default, model)]
 
-  (grads, state), (grads_opt, state_opt) = outputs(variables['params'])
+@pytest.mark.parametrize('options', OPTIONS, ids=str)
+def test_outputs_gradients_and_slot_logits_equal_the_default_model(
+    options, default_run):
+  variables, images, (grads, state) = default_run
+  model = models.build('glnet_4g', **TINY, **options)
+  grads_opt, state_opt = _gradients_and_state(model, variables, images)
   assert shapes(grads_opt) == shapes(grads)
   chex.assert_trees_all_close(grads_opt, grads, atol=1e-5, rtol=1e-4)
   # batch statistics and the per-block slot logits, at the same paths

@@ -42,12 +42,12 @@ TINY = {  # name -> (image size, the design at its fixture's size)
 # images one by one (32 trips; the global batch would make it 256); ACmix's
 # local attention takes one (image, head) slab per tile, 2 x 4 per device
 # (64 for the global batch), and 49 window offsets in each. Threefry's 5
-# rounds (dropout, drop path) are a loop on CPU.
+# rounds (dropout, drop path, random erasing's noise) are a loop on CPU.
 KERNEL_GRAD_BLOCK = 512
 # In GLNet-4G also the MLPs' depthwise convs of stages 2 and 3 (8 and 4 rows
 # of 2 images).
 LOOPS = {'glnet_stl': {5, 32}, 'glnet_4g': {5, 8, 16, 32},
-         'acmix_resnet50': {8, 49}, 'acmix_swin_t': {5}}
+         'acmix_resnet50': {5, 8, 49}, 'acmix_swin_t': {5}}
 
 
 def step_and_inputs(name, size, overrides, *, mesh, dtype='float32'):

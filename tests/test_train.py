@@ -48,21 +48,6 @@ def test_tiny_run_trains_logs_and_evaluates(reference_run):
   assert len(waits) == 11 and all(0 <= w < 1 for w in waits)
 
 
-def test_worker_processes_train_the_same_run(tmp_path, reference_run):
-  """Two input worker processes (spawned under train.py's absl app): the
-  same batches, so the same losses to the bit, and the input-wait figure in
-  the progress line."""
-  done = run_train(tmp_path / 'run', '--config.data.num_workers=2',
-                   '--config.data.num_threads=1')
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert 'input wait ' in done.stdout
-  runs = [[json.loads(l) for l in (d / 'metrics.jsonl').read_text()
-           .splitlines()] for d in (reference_run, tmp_path / 'run')]
-  losses = [[r['loss'] for r in records if 'loss' in r] for records in runs]
-  assert losses[0] == losses[1]
-  assert runs[0][-1]['eval_top1'] == runs[1][-1]['eval_top1']
-
-
 def _timed_loop(input_seconds, step_seconds, steps=12):
   """``steps`` of a loop that waits ``input_seconds`` for each batch and
   computes ``step_seconds``; the input-wait figure of its report."""
