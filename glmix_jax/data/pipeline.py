@@ -30,9 +30,9 @@ Decoding and augmentation run in ``num_workers`` Grain worker processes
 in each. A worker makes whole chunks of consecutive examples (at most
 ``MAX_CHUNK``, dividing the batch), worker w the chunks w, w + W, ...; this
 process interleaves them in order and joins them into batches, so the batches
-are the same for any worker and thread count, and a worker holds one chunk,
-not one batch, whatever the batch size. ``prefetch`` whole batches wait
-ready, no more.
+are the same for any worker and thread count, and a worker holds a chunk per
+thread plus the one it hands over, not batches, whatever the batch size.
+``prefetch`` whole batches wait ready, no more.
 """
 
 from __future__ import annotations
