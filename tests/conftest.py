@@ -34,12 +34,21 @@ def _eight_devices():
 
 
 def reference_file(name: str) -> pathlib.Path:
-  """A fixture of the official code: tests/data first, then ../shared."""
+  """A fixture of the official code: tests/data first, then ../shared.
+
+  A missing one skips the test locally (a clone without ../shared) but fails
+  it where the environment variable ``CI`` is set (``.ci/run`` exports
+  ``CI=1``), so that CI never passes with parity tests silently skipped.
+  """
   for folder in (DATA, SHARED_REFERENCE):
     if (folder / name).exists():
       return folder / name
-  pytest.skip(f'{name} is neither in tests/data nor in {SHARED_REFERENCE} '
-              '(the shared reference folder sits beside the repository in CI).')
+  reason = (f'{name} is neither in tests/data nor in {SHARED_REFERENCE} '
+            '(the shared reference folder sits beside the repository in CI).')
+  if os.environ.get('CI'):
+    pytest.fail(f'{reason} CI is set: a missing reference fixture fails the '
+                'run.', pytrace=False)
+  pytest.skip(reason)
 
 
 @pytest.fixture(scope='session')

@@ -2,13 +2,20 @@
 measured by hand and recorded in BENCHMARKS.md; here only that they run and
 report what they claim)."""
 
+import contextlib
 import json
+
+import pytest
 
 from benchmarks import throughput
 from glmix_jax.models import summary
 
 
-def test_throughput_reports_a_train_step(tmp_path):
+def test_throughput_reports_a_train_step(tmp_path, capsys):
+  """Its JSON agrees with its arguments, with itself (images/s = batch / the
+  median step, the one timed call's min = median = max), with the model
+  (FLOPs from the exact MACs, memory from the state's size) and with its
+  printed row."""
   out = tmp_path / 'small.json'
   throughput.main([
       '--models', 'glnet_stl', '--modes', 'train', '--batch', '2',
@@ -16,14 +23,73 @@ def test_throughput_reports_a_train_step(tmp_path):
       '--repeats', '1', '--matmul_size', '256', '--json', str(out),
       '--override', 'depths=(1, 1, 1, 1)',
       '--override', 'dims=(32, 64, 96, 128)'])
-  results = json.loads(out.read_text())['results']
-  ours = results['glnet_stl/train']['jax']
-  assert ours['images_per_s'] > 0 and ours['compile_s'] > 0
-  assert ours['compiled_peak_bytes'] > 0
+  report = json.loads(out.read_text())
+  assert (report['batch'], report['size'], report['dtype'],
+          report['repeats']) == (2, 64, 'float32', 1)
+  assert report['overrides'] == dict(depths=[1, 1, 1, 1],
+                                     dims=[32, 64, 96, 128])
+  assert report['table_peak_flops'] is None  # a float32 run: no data sheet
+  assert list(report['results']) == ['glnet_stl/train']
+  result = report['results']['glnet_stl/train']
+  assert list(result) == ['jax']  # no official run: no torch, no speed-up
+  ours = result['jax']
+  (step_s,) = ours['times_s']  # --repeats 1
+  assert ours['median_s'] == ours['min_s'] == ours['max_s'] == step_s > 0
+  assert ours['images_per_s'] == pytest.approx(2 / step_s, rel=1e-12)
+  assert 0 < ours['compile_s'] and 0 < ours['compile_cpu_s']
+  assert ours['device_peak_bytes'] is None  # the CPU reports none
   # MFU's numerator: forward + backward, three times the model's MACs
-  macs = summary.summarize('glnet_stl', 64, depths=(1, 1, 1, 1),
-                           dims=(32, 64, 96, 128))['macs']['total']
-  assert ours['flops'] == 2 * 3 * macs * 2  # 2 FLOPs x 3 x batch 2
+  model = summary.summarize('glnet_stl', 64, depths=(1, 1, 1, 1),
+                            dims=(32, 64, 96, 128))
+  assert ours['flops'] == 2 * 3 * model['macs']['total'] * 2  # x batch 2
+  # Peak = arguments + outputs + temporaries - the donated state: beside the
+  # temporaries, one train state (float32 parameters and AdamW's two
+  # moments; BN statistics and the batch are a few KiB).
+  state_bytes = 3 * 4 * model['params']
+  beside_temp = ours['compiled_peak_bytes'] - ours['temp_bytes']
+  assert state_bytes < beside_temp < 1.02 * state_bytes, (beside_temp,
+                                                          state_bytes)
+  (row,) = [l for l in capsys.readouterr().out.splitlines()
+            if l.startswith('| glnet_stl | train |')]
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[2] == f'{ours["images_per_s"]:.2f}'
+  assert cells[3] == f'{step_s:.3f} ({step_s:.3f}-{step_s:.3f})'
+  assert cells[5] == f'{ours["compiled_peak_bytes"] / 2**20:.0f}'
+  mfu = 100 * ours['flops'] / step_s / report['matmul_peak_flops']
+  assert cells[6:8] == [f'{mfu:.1f}%', '-']
+
+
+def test_benchmark_reports_rates_of_the_median_call_and_a_paired_speedup(
+    monkeypatch):
+  """With the official model beside ours (both faked: known seconds per
+  call), each side's images/s is batch / its median call and the speed-up
+  the median of the rounds' official / ours, as the row prints them; the
+  drift between rounds makes that differ from the ratio of the medians."""
+  ours_s = iter([9.0, 1.0, 1.0, 3.0, 3.0])  # first: the warm-up
+  official_s = iter([9.0, 2.0, 2.2, 6.0, 5.4])  # rounds: 2, 2.2, 2, 1.8 x
+
+  @contextlib.contextmanager
+  def fake_official(*args, **kwargs):
+    del args, kwargs
+    yield dict(torch='2.x'), lambda: next(official_s)
+
+  monkeypatch.setattr(throughput, 'prepare_jax', lambda *a, **k: (
+      dict(compile_s=1.0, compile_cpu_s=1.0, compiled_peak_bytes=2**20,
+           temp_bytes=0, flops=1e9), lambda: next(ours_s)))
+  monkeypatch.setattr(throughput, 'timed', lambda call: call)
+  monkeypatch.setattr(throughput, 'official_calls', fake_official)
+  r = throughput.benchmark('glnet_stl', 'train', batch=8, size=64,
+                           dtype='float32', repeats=4, overrides={},
+                           torch_python='python', official='/official')
+  assert r['jax']['times_s'] == [1.0, 1.0, 3.0, 3.0]
+  assert r['jax']['median_s'] == 2.0 and r['jax']['images_per_s'] == 4.0
+  assert r['torch']['torch'] == '2.x'
+  assert r['torch']['median_s'] == pytest.approx(3.8)
+  assert r['torch']['images_per_s'] == pytest.approx(8 / 3.8)
+  assert r['speedup'] == pytest.approx(2.0)  # not 3.8 / 2 = 1.9
+  row = throughput.format_row('glnet_stl', 'train', r, peak_flops=1e10)
+  assert row.startswith('| glnet_stl | train | 4.00 | 2.000 (1.000-3.000) |')
+  assert row.endswith('| 5.0% | - | 2.11 | 2.00x |')  # 1e9 / 2 s / 1e10
 
 
 def test_calls_alternate_and_the_speedup_pairs_their_rounds():

@@ -45,6 +45,81 @@ def _mix(step, images, labels, **overrides):
 PARTNER = np.arange(B) // G * G + (G - 1 - np.arange(B) % G)
 
 
+def timm_rand_bbox(img_h, img_w, lam, cy, cx):
+  """timm.data.mixup.rand_bbox (margin 0) for one box, its centre given."""
+  ratio = np.sqrt(1 - lam)
+  cut_h, cut_w = int(img_h * ratio), int(img_w * ratio)
+  yl = np.clip(cy - cut_h // 2, 0, img_h)
+  yh = np.clip(cy + cut_h // 2, 0, img_h)
+  xl = np.clip(cx - cut_w // 2, 0, img_w)
+  xh = np.clip(cx + cut_w // 2, 0, img_w)
+  return yl, yh, xl, xh
+
+
+def timm_mix_groups(images, labels, params, smoothing):
+  """timm ``Mixup(mode='batch', correct_lam=True)`` on each group of G as
+  one timm batch, in numpy (NHWC): ``_mix_batch`` then ``mixup_target``.
+  From ``params`` only each group's choice: CutMix's box (its lambda is
+  recomputed from the box's area, as ``correct_lam`` does) or Mixup's
+  lambda."""
+  images = np.array(images, np.float32)
+  labels = np.asarray(labels)
+  out, targets = images.copy(), []
+  for g in range(B // G):
+    x = images[g * G:(g + 1) * G]
+    if params['mix_cutmix'][g]:
+      yl, yh, xl, xh = (int(v) for v in params['mix_box'][g])
+      mixed = x.copy()
+      mixed[:, yl:yh, xl:xh] = x[::-1][:, yl:yh, xl:xh]
+      lam = 1.0 - (yh - yl) * (xh - xl) / float(H * W)
+    else:
+      lam = float(params['mix_lam'][g])
+      mixed = x * lam + x[::-1] * (1.0 - lam)
+    out[g * G:(g + 1) * G] = mixed
+    target = labels[g * G:(g + 1) * G]
+    off_value = smoothing / K
+    on_value = 1.0 - smoothing + off_value
+    y1 = np.full((G, K), off_value)
+    y1[np.arange(G), target] = on_value
+    y2 = np.full((G, K), off_value)
+    y2[np.arange(G), target[::-1]] = on_value
+    targets.append(y1 * lam + y2 * (1.0 - lam))
+  return out, np.concatenate(targets)
+
+
+def test_rand_bbox_is_timms():
+  """Hand-computed boxes (H 12, W 10), then timm's formula on many."""
+  box = lambda lam, cy, cx: mix.rand_bbox(H, W, np.float64(lam), np.int64(cy),
+                                          np.int64(cx)).tolist()
+  # sqrt(1 - 0.75) = 0.5: a 6 x 5 box; at (3, 9) clipped on the right.
+  assert box(0.75, 3, 9) == [0, 6, 7, 10]
+  # sqrt(0.5625) = 0.75: sides int(9.0) = 9 and int(7.5) = 7; the half-sides
+  # floor, so the box is 8 x 6, as in timm.
+  assert box(0.4375, 6, 5) == [2, 10, 2, 8]
+  assert box(0.0, 0, 0) == [0, 6, 0, 5]  # the whole image, at a corner
+  rng = np.random.default_rng(0)
+  lam = rng.uniform(0, 1, 500)
+  cy, cx = rng.integers(0, H, 500), rng.integers(0, W, 500)
+  np.testing.assert_array_equal(
+      mix.rand_bbox(H, W, lam, cy, cx),
+      [timm_rand_bbox(H, W, *v) for v in zip(lam, cy, cx)])
+
+
+def test_mix_batch_is_timms_mixup_per_group():
+  """Random images, both modes, smoothing 0.1: images and targets as timm's
+  Mixup makes them from the same choices, for steps with each mode."""
+  images = jax.random.normal(jax.random.key(0), (B, H, W, 3))
+  labels = jnp.asarray([3, 7, 1, 1, 0, 9, 4, 2])  # a repeated label too
+  seen = set()
+  for step in range(8):
+    out, targets, params = _mix(step, images, labels)
+    seen.update(params['mix_cutmix'].tolist())
+    want_images, want_targets = timm_mix_groups(images, labels, params, 0.1)
+    np.testing.assert_allclose(out, want_images, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(targets, want_targets, rtol=1e-6, atol=1e-7)
+  assert seen == {True, False}  # CutMix and Mixup both checked
+
+
 def test_smooth_targets_values_exact():
   targets = mix.smooth_targets(jnp.array([3, 0]), K, 0.1)
   assert targets.dtype == jnp.float32
@@ -74,9 +149,13 @@ def test_smooth_targets_acmix_resnet_spread():
 
 def test_no_mixing_when_prob_zero():
   images, labels = _batch()
-  out, targets, _ = _mix(0, images, labels, prob=0.0)
+  out, targets, params = _mix(0, images, labels, prob=0.0)
   np.testing.assert_array_equal(out, images)
-  np.testing.assert_array_equal(targets, mix.smooth_targets(labels, K, 0.1))
+  np.testing.assert_array_equal(params['mix_lam'], [1.0, 1.0])
+  assert not params['mix_cutmix'].any()
+  expected = np.full((B, K), 0.01, np.float32)  # eps / K
+  expected[np.arange(B), np.arange(B) % K] = 0.91  # 1 - eps + eps / K
+  np.testing.assert_allclose(targets, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize('step', range(4))
@@ -162,19 +241,23 @@ def test_draws_are_a_function_of_seed_and_step_only():
       np.concatenate([a, b]), whole), *halves, draw(3, 7))
 
 
-def test_jit_matches_eager_and_keeps_dtype():
-  images, labels = _batch()
-  images = images.astype(jnp.bfloat16)
+def test_jit_in_bfloat16_is_timms_mixing_and_keeps_dtype():
+  """bfloat16 images, jitted: mixed in float32 (timm's numbers, to
+  bfloat16's rounding), returned in bfloat16, targets float32."""
+  images = jax.random.normal(jax.random.key(1), (B, H, W, 3), jnp.bfloat16)
+  labels = jnp.arange(B) % K
   settings = _settings()
-  params = mix.draw(settings, seed=0, step=3, batch=B, height=H, width=W)
-  fn = functools.partial(mix.mix_batch, settings=settings, num_classes=K)
-  eager = fn(images, labels, params)
-  jitted = jax.jit(fn)(images, labels, params)
-  assert jitted[0].dtype == jnp.bfloat16
-  assert jitted[1].dtype == jnp.float32
-  for a, b in zip(eager, jitted):
-    np.testing.assert_allclose(np.asarray(a, np.float32),
-                               np.asarray(b, np.float32), rtol=1e-6)
+  fn = jax.jit(functools.partial(mix.mix_batch, settings=settings,
+                                 num_classes=K))
+  params = mix.draw(settings, seed=0, step=2, batch=B, height=H, width=W)
+  assert params['mix_cutmix'].tolist() == [True, False]  # one of each
+  out, targets = fn(images, labels, params)
+  assert out.dtype == jnp.bfloat16 and targets.dtype == jnp.float32
+  want_images, want_targets = timm_mix_groups(
+      np.asarray(images, np.float32), labels, params, 0.1)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_images,
+                             rtol=2**-8, atol=2**-8)
+  np.testing.assert_allclose(targets, want_targets, rtol=1e-6, atol=1e-7)
 
 
 def test_mixing_split_over_devices_moves_no_images():

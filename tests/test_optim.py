@@ -38,8 +38,17 @@ def test_swin_schedule_has_no_warmup_prefix():
 
 
 def test_per_epoch_schedule_is_constant_within_an_epoch():
+  """timm's per-epoch CosineLRScheduler (50 steps an epoch): epoch e's value
+  for all its steps; warm-up epochs 0-4 from 1e-6, then the cosine from
+  epoch 5 of 310 (no warm-up prefix)."""
   lr = optim.timm_cosine(2e-3, total=310, warmup=5, end=1e-5,
                          warmup_from=1e-6, steps_per_update=50)
+  def official(epoch):
+    if epoch < 5:
+      return 1e-6 + epoch * (2e-3 - 1e-6) / 5
+    return 1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + math.cos(math.pi * epoch / 310))
+  for step in (0, 49, 50, 99, 100, 249, 250, 299, 300, 15499):
+    np.testing.assert_allclose(lr(step), official(step // 50), rtol=1e-5)
   assert float(lr(50)) == float(lr(99)) != float(lr(100))
 
 
