@@ -18,10 +18,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
 
 def main(argv):
   del argv
+  config = _CONFIG.value  # a config file that fails to load stops here
   # Imported here, not above: the input worker processes start by importing
   # this file (Python's spawn), and need none of the trainer.
   from glmix_jax import train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_lib.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -13,5 +13,6 @@ from configs import common
 
 
 def get_config(arg=None):
+  args = common.parse_arg(arg, runlocal=False)
   config = common.acmix_resnet_recipe('acmix_resnet50')
-  return common.with_args(config, arg)
+  return common.run_locally(config) if args.runlocal else config

@@ -1,9 +1,12 @@
 """The shared pieces of the training recipes, as plain ml_collections.
 
-Each per-model file (``glnet_stl.py`` ...) is one row of the paper's recipe
-table: it calls ``glnet_recipe`` with that model's name and drop-path rate.
+Each recipe file (``glnet.py``, ``acmix_swin.py``, ``acmix_resnet50.py``)
+reads like a row of the paper's recipe table: it calls ``glnet_recipe`` (or
+the ACmix ones) with the variant's model name and drop-path rate.
 Field names follow the papers' tables; values come from the official training
-code (glnet.md §14, ``main_cx2.py``), with every deviation commented.
+code (GLMix ``main_cx2.py`` and ``ConvNextV2/optim_factory.py``; the Swin pipeline
+in ACmix ``Swin-Transformer/``; ACmix ``ResNet/main.py``), with every
+deviation commented.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ def imagenet_data() -> ml_collections.ConfigDict:
       # --config.data.data_dir=... can set it)
       data_dir=config_dict.placeholder(str),
       train_split='train',
-      eval_split='validation',
       num_classes=1000,
       image_size=224,
       eval_crop_pct=0.875,  # resize shorter side to 224 / 0.875 = 256, crop 224
@@ -39,12 +41,31 @@ def imagenet_data() -> ml_collections.ConfigDict:
   ))
 
 
+def imagenet_evals() -> ml_collections.ConfigDict:
+  """The named evaluations (big_vision's ``config.evals``): each reads a
+  ``split`` of a prepared TFDS ``dataset`` ('': ``data.dataset``) through the
+  evaluation transform. ``every_steps``: in training, 0 runs it at the end, N
+  also every N steps, -1 never; ``eval.py`` runs those training runs, or the
+  ones ``--evals`` names (``--evals=val,v2,real``).
+  """
+  return ml_collections.ConfigDict(dict(
+      val=dict(dataset='', split='validation', every_steps=0),
+      # ImageNet-V2 matched-frequency (Recht et al. 2019).
+      v2=dict(dataset='imagenet_v2', split='test', every_steps=-1),
+      # ImageNet-ReaL (Beyer et al. 2020): also ``real_top1``.
+      real=dict(dataset='imagenet2012_real', split='validation',
+                every_steps=-1),
+  ))
+
+
 def loop(**overrides) -> dict:
   """Bookkeeping of a run: logging, evaluation and checkpoint cadence."""
   return dict(
       total_steps=0,  # > 0 overrides total_epochs
       log_steps=100,
-      eval_steps=0,  # 0: evaluate at the end only
+      # Global batch of every evaluation; 0: that of one training forward
+      # pass (global_batch_size / grad_accum_steps).
+      eval_batch_size=0,
       checkpoint_steps=1000,
       keep_checkpoints=3,
       keep_checkpoint_every=0,  # also keep every N-th step; 0: none
@@ -56,27 +77,71 @@ def loop(**overrides) -> dict:
       **overrides)
 
 
-def with_args(config: ml_collections.ConfigDict,
-              arg: str | None) -> ml_collections.ConfigDict:
-  """Applies a config string's arguments (``--config=FILE.py:ARG,ARG``).
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """The arguments of ``--config=FILE.py:ARG`` (big_vision's ``parse_arg``).
 
-  ``runlocal``: the same model and recipe, shrunk to a laptop CPU: a synthetic
-  mini-ImageNet (made in WORKDIR/data) at the config's image size, batch 16,
-  20 steps without warm-up, float32, progress every step.
+  ``ARG`` is comma-separated ``key=value`` pairs and bare ``key``s (True);
+  ``defaults`` name the keys a config file accepts and give each its default
+  and type: ``parse_arg('variant=4g,runlocal', variant='stl',
+  runlocal=False)`` is ``{'variant': '4g', 'runlocal': True}``.
   """
-  args = [a for a in (arg or '').split(',') if a]
-  unknown = sorted(set(args) - {'runlocal'})
-  if unknown:
-    raise ValueError(f'Unknown config argument(s) {unknown}; known: runlocal.')
-  if 'runlocal' in args:
-    config.data.update(
-        synthetic=dict(classes=10, images_per_class=40,
-                       image_size=config.data.image_size),
-        num_classes=10, train_split='train[:90%]', eval_split='train[90%:]')
-    config.augmentation.update(repeated_augmentation=1, mix_group_size=2)
-    config.model.dtype = 'float32'
-    config.update(total_steps=20, warmup_epochs=0, global_batch_size=16,
-                  log_steps=1, checkpoint_steps=10, eval_steps=0)
+  args = ml_collections.ConfigDict(defaults)
+  given = set()
+  for item in (arg or '').split(','):
+    if not item:
+      continue
+    key, has_value, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r}; known: '
+                       f'{", ".join(sorted(defaults)) or "none"}.')
+    if key in given:
+      raise ValueError(f'Config argument {key!r} is given twice.')
+    given.add(key)
+    kind = type(defaults[key])
+    if kind is bool:
+      if has_value and value not in ('True', 'False'):
+        raise ValueError(f'Config argument {key!r} is True or False, '
+                         f'not {value!r}.')
+      args[key] = not has_value or value == 'True'
+    elif not has_value:
+      raise ValueError(f'Config argument {key!r} needs a value: {key}=...')
+    else:
+      try:
+        args[key] = kind(value)
+      except ValueError:
+        raise ValueError(f'Config argument {key}={value!r} is not of type '
+                         f'{kind.__name__}.') from None
+  return args
+
+
+def variant_config(arg: str | None, *, family: str, variants, default: str,
+                   recipe) -> ml_collections.ConfigDict:
+  """A recipe file's config for ``ARG`` = ``variant=V[,runlocal]``:
+  ``recipe(V)``, V one of ``variants`` (``default`` if not given), shrunk by
+  ``run_locally`` with ``runlocal``."""
+  args = parse_arg(arg, variant=default, runlocal=False)
+  if args.variant not in variants:
+    raise ValueError(f'Unknown {family} variant {args.variant!r}; known: '
+                     f'{", ".join(variants)}.')
+  config = recipe(args.variant)
+  return run_locally(config) if args.runlocal else config
+
+
+def run_locally(config: ml_collections.ConfigDict
+                ) -> ml_collections.ConfigDict:
+  """The ``runlocal`` argument: the same model and recipe, shrunk to a laptop
+  CPU: a synthetic mini-ImageNet (made in WORKDIR/data) at the config's image
+  size, batch 16, 20 steps without warm-up, float32, progress every step.
+  """
+  config.data.update(
+      synthetic=dict(classes=10, images_per_class=40,
+                     image_size=config.data.image_size),
+      num_classes=10, train_split='train[:90%]')
+  config.evals.val.split = 'train[90%:]'
+  config.augmentation.update(repeated_augmentation=1, mix_group_size=2)
+  config.model.dtype = 'float32'
+  config.update(total_steps=20, warmup_epochs=0, global_batch_size=16,
+                log_steps=1, checkpoint_steps=10)
   return config
 
 
@@ -91,8 +156,8 @@ def synthetic_demo(config: ml_collections.ConfigDict,
   config.model.dtype = 'float32'
   config.data.update(
       synthetic=dict(classes=10, images_per_class=260, image_size=80),
-      num_classes=10, image_size=image_size, train_split='train[:90%]',
-      eval_split='train[90%:]')
+      num_classes=10, image_size=image_size, train_split='train[:90%]')
+  config.evals.val.split = 'train[90%:]'
   config.augmentation.update(
       random_resized_crop_scale=(0.7, 1.0), randaugment='', random_erasing=0.0,
       mixup_alpha=0.0, cutmix_alpha=0.0, repeated_augmentation=1)
@@ -147,6 +212,7 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
           scan_blocks=False,
           **model_overrides),
       data=imagenet_data(),
+      evals=imagenet_evals(),
       augmentation=deit_augmentation(),
       total_epochs=300,
       warmup_epochs=5,  # linear from 0, per step; then half-cosine to min_lr
@@ -172,7 +238,9 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
 
 def acmix_swin_recipe(model_name: str,
                       drop_path_rate: float) -> ml_collections.ConfigDict:
-  """ACmix-Swin's recipe: the Microsoft Swin pipeline, unchanged (acmix.md §7).
+  """ACmix-Swin's recipe: the Microsoft Swin pipeline, unchanged (ACmix
+  ``Swin-Transformer/config.py`` defaults and
+  ``configs/acmix_swin_{tiny,small}_patch4_window7_224.yaml``).
 
   Base learning rates are the Swin config's per-512 values scaled linearly to
   the README's global batch of 1024 (8 GPUs x 128).
@@ -184,6 +252,7 @@ def acmix_swin_recipe(model_name: str,
       model_name=model_name,
       model=dict(drop_path_rate=drop_path_rate, dtype='bfloat16'),  # Apex O1
       data=imagenet_data(),  # bicubic resize 256 -> centre crop 224
+      evals=imagenet_evals(),
       augmentation=augmentation,
       total_epochs=300,
       warmup_epochs=20,
@@ -211,9 +280,10 @@ def acmix_swin_recipe(model_name: str,
 
 
 def acmix_resnet_recipe(model_name: str) -> ml_collections.ConfigDict:
-  """ACmix-ResNet's recipe: ``ResNet/main.py`` defaults (acmix.md §7).
+  """ACmix-ResNet's recipe: ACmix ``ResNet/main.py``'s argument
+  defaults.
 
-  The released script cannot run as written (acmix.md §9 #3: missing import,
+  The released script cannot run as written (a missing import,
   undefined scheduler), so this is its *intended* schedule; whether the paper
   used exactly these settings is not confirmed.
   """
@@ -224,6 +294,7 @@ def acmix_resnet_recipe(model_name: str) -> ml_collections.ConfigDict:
       model_name=model_name,
       model=dict(dtype='float32'),  # fp32 training, no drop path
       data=data,
+      evals=imagenet_evals(),
       augmentation=dict(  # RandomResizedCrop + flip only
           random_resized_crop_scale=(0.08, 1.0),
           hflip=0.5,

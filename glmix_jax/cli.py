@@ -60,6 +60,19 @@ def _without_closed_loop_echoes(default_hook):
   return hook
 
 
+def _flag_error(error: BaseException) -> str:
+  """A flag's error on one line. A config file's ``get_config`` that raises
+  (``--config=configs/glnet.py:variant=5g``) reaches here as the flag's
+  message with the whole traceback in it; its last line is the reason."""
+  text = str(error)
+  head, traceback_found, trace = text.partition(
+      'Error whilst parsing config file:')
+  if traceback_found and 'Traceback' in trace:
+    last = [line for line in trace.splitlines() if line.strip()][-1]
+    text = f'{head.rstrip()} {last.partition(": ")[2] or last}'
+  return _one_line(text)
+
+
 def run(main: Callable[[Sequence[str]], None],
         errors: tuple[type[BaseException], ...] = user_errors.USER_ERRORS
         ) -> None:
@@ -79,7 +92,7 @@ def run(main: Callable[[Sequence[str]], None],
           file=sys.stderr)
     sys.exit(1)
   except (flags.Error, TypeError, ValueError) as e:
-    print(f'error: bad command line: {_one_line(e)}', file=sys.stderr)
+    print(f'error: bad command line: {_flag_error(e)}', file=sys.stderr)
     sys.exit(1)
 
   def guarded(argv):

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from glmix_jax import checkpoint, train_lib
+from glmix_jax import checkpoint, models
 from glmix_jax.data import augment, on_device
 from glmix_jax.data import input as data_input
 
@@ -76,7 +76,7 @@ def load_model(config: ml_collections.ConfigDict, directory: str | epath.Path,
         f'{directory} is not a checkpoint: expected a model checkpoint '
         '(model.json and variables/, from python -m glmix_jax.convert) or a '
         'train.py workdir (checkpoints/<step>/).')
-  model = train_lib.build_model(config)
+  model = models.from_config(config)
   _check_fits(model, variables['params'], config)
   return LoadedModel(model, variables, source)
 

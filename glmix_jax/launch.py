@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TF is imported
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 
 
 def initialize() -> None:
-  """``jax.distributed.initialize`` when the environment asks for it."""
+  """``jax.distributed.initialize`` when the environment asks for it; quiets
+  TensorFlow's C++ start-up logs (TFDS imports it later, in this process
+  and in the input workers, which inherit the environment)."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   address = os.environ.get('JAX_COORDINATOR_ADDRESS')
   if address:
     jax.distributed.initialize(

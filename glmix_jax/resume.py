@@ -24,12 +24,17 @@ CONFIG_FILE = 'config.json'
 EXECUTION_FIELDS = frozenset({
     'data.data_dir',  # where the same records live
     'data.num_workers', 'data.num_threads', 'data.prefetch',  # input speed
-    'log_steps', 'eval_steps',  # reporting cadence
+    'log_steps',  # reporting cadence
+    'eval_batch_size',  # evaluation reads the state, never changes it
     'checkpoint_steps', 'keep_checkpoints', 'keep_checkpoint_every',
     'max_bad_steps',  # how many skipped non-finite steps to tolerate
     'mesh_shape',  # where the state lives, not what it is
     'model.remat', 'model.scan_blocks',  # memory trades, same function
 })
+
+# Whole blocks a resume may change: evaluations (``config.evals``) read the
+# train state and never change it.
+EXECUTION_BLOCKS = ('evals.',)
 
 _SHOWN = 8  # changed fields listed by name; the rest are counted
 
@@ -52,13 +57,14 @@ def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 def changed_fields(saved: dict[str, Any], current: dict[str, Any]
                    ) -> list[tuple[str, Any, Any]]:
   """``(field, saved value, current value)`` for every field outside
-  ``EXECUTION_FIELDS`` that differs; a field only one side has shows
-  ``'(absent)'`` on the other."""
+  ``EXECUTION_FIELDS`` and ``EXECUTION_BLOCKS`` that differs; a field only
+  one side has shows ``'(absent)'`` on the other."""
   old, new = _flat(saved), _flat(current)
   absent = '(absent)'
   return [(name, old.get(name, absent), new.get(name, absent))
           for name in sorted(old.keys() | new.keys())
           if name not in EXECUTION_FIELDS
+          and not name.startswith(EXECUTION_BLOCKS)
           and old.get(name, absent) != new.get(name, absent)]
 
 

@@ -31,7 +31,7 @@ import contextlib
 import functools
 import itertools
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import jax
@@ -72,16 +72,26 @@ class PixelStats(NamedTuple):
     return cls(tuple(config.data.mean), tuple(config.data.std))
 
 
-def init_state(model, tx: optax.GradientTransformation, image_shape,
-               seed: int, use_ema: bool) -> TrainState:
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros(image_shape),
-                         train=False)
+def init_variables(model, image_shape, seed: int) -> dict[str, Any]:
+  """The model's initial variables for images of ``image_shape``."""
+  return model.init(jax.random.PRNGKey(seed), jnp.zeros(image_shape),
+                    train=False)
+
+
+def new_state(variables: dict[str, Any], tx: optax.GradientTransformation,
+              use_ema: bool) -> TrainState:
+  """The state before the first step, from the model's initial variables."""
   params = variables['params']
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
       ema_params=params if use_ema else None,
       bad_steps=jnp.zeros((), jnp.int32))
+
+
+def init_state(model, tx: optax.GradientTransformation, image_shape,
+               seed: int, use_ema: bool) -> TrainState:
+  return new_state(init_variables(model, image_shape, seed), tx, use_ema)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
@@ -273,13 +283,60 @@ def evaluate(eval_fn: Callable, params, batch_stats, batches, mesh
 
 
 def evaluate_weights(eval_fn: Callable, weights: dict[str, Any], batch_stats,
-                     batches, mesh) -> dict[str, float]:
+                     batches, mesh, *, name: str) -> dict[str, float]:
   """``evaluate`` for each named set of parameters (e.g. ``{'': raw,
-  'ema_': ema}``) in one pass over ``batches``, as flat
-  ``'<name>eval_<metric>'`` scores."""
+  'ema_': ema}``) in one pass over ``batches`` of evaluation ``name``, as
+  flat ``'<weights><name>_<metric>'`` scores (``ema_val_top1``)."""
   totals = _sums(eval_fn, weights, batch_stats, batches, mesh)
-  return {f'{prefix}eval_{k}': v for prefix, sums in totals.items()
+  return {f'{prefix}{name}_{k}': v for prefix, sums in totals.items()
           for k, v in _scores(sums).items()}
+
+
+# ---------------------------------------------------------------------------
+# The named evaluations of a config (``config.evals``, as in big_vision).
+
+
+class Evaluation(NamedTuple):
+  """One entry of ``config.evals``, its split opened."""
+  name: str
+  source: Any  # a pipeline.open_split data source
+  every_steps: int  # in training: 0 at the end, N also every N, -1 never
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """The global evaluation batch, in training and in eval.py alike:
+  ``config.eval_batch_size``, or if 0 the batch of one training forward pass
+  (``global_batch_size / grad_accum_steps``)."""
+  return (config.eval_batch_size or
+          config.global_batch_size // config.grad_accum_steps)
+
+
+def open_evaluations(config: ml_collections.ConfigDict, data_dir: str | None,
+                     names: Sequence[str] | None = None
+                     ) -> list[Evaluation]:
+  """The evaluations ``names`` of ``config.evals`` (all that training runs,
+  ``every_steps >= 0``, if None), each split opened: a dataset or split that
+  is not prepared fails here, before any step."""
+  evals = config.evals
+  if names is None:
+    names = [n for n in evals if evals[n].every_steps >= 0]
+  unknown = [n for n in names if n not in evals]
+  if unknown:
+    raise ValueError(f'Unknown evaluation(s) {unknown}; this config has: '
+                     f'{", ".join(evals)} (config.evals).')
+  return [Evaluation(n, pipeline.open_split(
+      evals[n].dataset or config.data.dataset, evals[n].split, data_dir),
+                     evals[n].every_steps) for n in names]
+
+
+def run_evaluation(config: ml_collections.ConfigDict, evaluation: Evaluation,
+                   eval_fn: Callable, weights: dict[str, Any], batch_stats,
+                   mesh) -> dict[str, float]:
+  """``evaluate_weights`` over every example of ``evaluation``'s split."""
+  batches = data_input.eval_batches(config, evaluation.source,
+                                    global_batch=eval_batch_size(config))
+  return evaluate_weights(eval_fn, weights, batch_stats, batches, mesh,
+                          name=evaluation.name)
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +364,8 @@ def _plan(config, num_records: int) -> _Plan:
     raise ValueError(f'global_batch_size={batch} is not divisible by '
                      f'grad_accum_steps={accum}.')
   pipeline.check_batch_size(batch // accum, jax.process_count(),
+                            jax.local_device_count())
+  pipeline.check_batch_size(eval_batch_size(config), jax.process_count(),
                             jax.local_device_count())
   settings = mix.MixSettings.from_config(config.augmentation)
   if settings.enabled:
@@ -337,32 +396,37 @@ def recipe_optimizer(config, plan: _Plan, abstract_params
   return schedule, tx
 
 
-def build_model(config: ml_collections.ConfigDict):
-  return models.build(config.model_name, num_classes=config.data.num_classes,
-                      **config.model.to_dict())
-
-
-def _init_or_restore(config, model, tx, image_shape, mesh, checkpoints):
+def _init_or_restore(config, model, tx, abstract_variables, image_shape,
+                     mesh, checkpoints):
   """The latest checkpoint's state, or a fresh one; with the state's
-  shardings."""
-  make_state = functools.partial(init_state, model, tx, image_shape,
-                                 config.seed, bool(config.ema_decay))
-  shardings = sharding.state_shardings(jax.eval_shape(make_state), mesh)
-  init = jax.jit(make_state, out_shardings=shardings)
-  state = checkpoints.restore_latest(jax.eval_shape(init))
-  return (init() if state is None else state), shardings
+  shardings. The state's shapes come from the model's abstract variables
+  (only the optimizer's init is traced for them); the model is traced again
+  only to initialise a new run."""
+  use_ema = bool(config.ema_decay)
+  abstract_state = jax.eval_shape(
+      functools.partial(new_state, tx=tx, use_ema=use_ema),
+      abstract_variables)
+  shardings = sharding.state_shardings(abstract_state, mesh)
+  state = checkpoints.restore_latest(jax.tree_util.tree_map(
+      lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+      abstract_state, shardings))
+  if state is None:
+    state = jax.jit(functools.partial(init_state, model, tx, image_shape,
+                                      config.seed, use_ema),
+                    out_shardings=shardings)()
+  return state, shardings
 
 
-def _announce(config, plan: _Plan) -> None:
+def _announce(config, plan: _Plan, model, abstract_variables,
+              image_shape) -> None:
   """The start line: model size and cost, devices, and the run's length."""
   size = config.data.image_size
-  info = summary.summarize(config.model_name, size,
-                           num_classes=config.data.num_classes,
-                           **config.model.to_dict())
+  macs, _ = summary.count_macs(model, abstract_variables, image_shape)
   accum = (f' ({plan.accum_steps} x {plan.pass_batch})'
            if plan.accum_steps > 1 else '')
-  print(f'{config.model_name}: {info["params"]:,} parameters, '
-        f'{info["macs"]["total"] / 1e9:.3f} GMACs at {size}x{size}; '
+  print(f'{config.model_name}: '
+        f'{summary.param_count(abstract_variables["params"]):,} parameters, '
+        f'{macs["total"] / 1e9:.3f} GMACs at {size}x{size}; '
         f'{jax.process_count()} process(es), {jax.device_count()} devices; '
         f'{plan.total_steps} steps of {config.global_batch_size} images'
         f'{accum}.', flush=True)
@@ -384,7 +448,7 @@ def train_and_evaluate(
     resume.check_resumable(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh_shape)
-  model = build_model(config)
+  model = models.from_config(config)
   if getattr(model, 'token_label_head', False):
     raise ValueError(
         f'{config.model_name} is a token-labeling model: its training needs '
@@ -394,14 +458,15 @@ def train_and_evaluate(
   data_dir = data_input.data_dir(config, str(workdir))
   train_source = pipeline.open_split(config.data.dataset,
                                      config.data.train_split, data_dir)
-  eval_source = pipeline.open_split(config.data.dataset,
-                                    config.data.eval_split, data_dir)
+  evaluations = open_evaluations(config, data_dir)
   plan = _plan(config, len(train_source))
   size = config.data.image_size
   image_shape = (1, size, size, 3)
-  abstract_params = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape)))
-  schedule, tx = recipe_optimizer(config, plan, abstract_params['params'])
+  # The one abstract trace of the model's init: the optimizer's masks, the
+  # state's shapes and shardings, and the start line all come from it.
+  abstract_variables = jax.eval_shape(functools.partial(
+      init_variables, model, image_shape, config.seed))
+  schedule, tx = recipe_optimizer(config, plan, abstract_variables['params'])
   # Leaving this block by any path (the end, an error, SIGTERM, Ctrl-C) waits
   # for the checkpoint save in flight and puts SIGTERM's handler back.
   with contextlib.ExitStack() as stack:
@@ -409,15 +474,15 @@ def train_and_evaluate(
         workdir, save_every=config.checkpoint_steps,
         keep=config.keep_checkpoints,
         keep_every=config.get('keep_checkpoint_every') or None))
-    state, shardings = _init_or_restore(config, model, tx, image_shape, mesh,
-                                        checkpoints)
+    state, shardings = _init_or_restore(config, model, tx, abstract_variables,
+                                        image_shape, mesh, checkpoints)
     writer = stack.enter_context(metrics.MetricWriter(workdir,
                                                       on_write=on_metrics))
     preempt = stack.enter_context(preemption.Preemption())
     start = int(state.step)
     if start == 0:
       writer.write_json(resume.CONFIG_FILE, resume.as_saved(config))
-      _announce(config, plan)
+      _announce(config, plan, model, abstract_variables, image_shape)
 
     step_fn = make_train_step(config, model, tx, schedule,
                               accum_steps=plan.accum_steps, mesh=mesh,
@@ -436,14 +501,12 @@ def train_and_evaluate(
       batches = itertools.chain([first], batches)
     batches = metrics.TimedInput(batches)
 
-    def run_eval() -> dict[str, float]:
+    def run_eval(evaluation: Evaluation) -> dict[str, float]:
       weights = {'': state.params}
       if state.ema_params is not None:
         weights['ema_'] = state.ema_params
-      return evaluate_weights(
-          eval_fn, weights, state.batch_stats,
-          data_input.eval_batches(config, eval_source,
-                                  global_batch=plan.pass_batch), mesh)
+      return run_evaluation(config, evaluation, eval_fn, weights,
+                            state.batch_stats, mesh)
 
     def check_finite(step: int, step_metrics: dict) -> None:
       _check_finite(step, step_metrics, max_bad=config.max_bad_steps,
@@ -474,8 +537,10 @@ def train_and_evaluate(
         print(metrics.progress_line(done, total, scalars), flush=True)
         if warning := progress.input_warning():
           print(warning, flush=True)
-      if config.eval_steps and done % config.eval_steps == 0 and done != total:
-        writer.write(done, run_eval())
+      for evaluation in evaluations:
+        every = evaluation.every_steps
+        if every > 0 and done % every == 0 and done != total:
+          writer.write(done, run_eval(evaluation))
       preempted = preempt.reached(done)
       final = preempted or done == total
       if final or checkpoints.should_save(done):
@@ -488,7 +553,9 @@ def train_and_evaluate(
     if pending is not None:
       check_finite(*pending)
     train_input.close()
-    results = run_eval()
+    results = {}
+    for evaluation in evaluations:
+      results.update(run_eval(evaluation))
     writer.write(int(state.step), results)
   print('Final evaluation: ' + '  '.join(
       f'{k} {v:.4f}' for k, v in results.items()), flush=True)
@@ -497,13 +564,19 @@ def train_and_evaluate(
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
                         workdir: str | None = None,
-                        model_checkpoint: str | None = None
+                        model_checkpoint: str | None = None,
+                        evals: Sequence[str] | None = None
                         ) -> dict[str, float]:
-  """Top-1 / top-5 on ``config.data.eval_split`` of the latest training
-  checkpoint in ``workdir`` (raw and EMA weights), or of a model checkpoint
-  written by ``python -m glmix_jax.convert``."""
+  """Top-1 / top-5 of the latest training checkpoint in ``workdir`` (raw and
+  EMA weights), or of a model checkpoint written by ``python -m
+  glmix_jax.convert``, on each evaluation ``evals`` of ``config.evals`` (by
+  default those that training runs)."""
   if (workdir is None) == (model_checkpoint is None):
     raise ValueError('Give exactly one of --workdir and --checkpoint.')
+  pipeline.check_batch_size(eval_batch_size(config), jax.process_count(),
+                            jax.local_device_count())
+  evaluations = open_evaluations(
+      config, data_input.data_dir(config, workdir or '.'), evals)
   mesh = sharding.make_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
   if model_checkpoint is not None:
@@ -512,25 +585,24 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
     batch_stats = variables.get('batch_stats', {})
     where = model_checkpoint
   else:
-    model = build_model(config)
+    model = models.from_config(config)
     step, state = checkpoint.latest_train_state(workdir)
     weights = {'': state['params']}
     if state.get('ema_params') is not None:
       weights['ema_'] = state['ema_params']
     batch_stats = state['batch_stats']
     where = f'{workdir} (step {step})'
-  pipeline.check_batch_size(config.global_batch_size, jax.process_count(),
-                            jax.local_device_count())
-  source = pipeline.open_split(config.data.dataset, config.data.eval_split,
-                               data_input.data_dir(config, workdir or '.'))
   eval_fn = make_eval_step(config, model, mesh)
   weights, batch_stats = jax.device_put((weights, batch_stats), replicated)
-  results = evaluate_weights(
-      eval_fn, weights, batch_stats,
-      data_input.eval_batches(config, source,
-                              global_batch=config.global_batch_size), mesh)
-  print(f'{config.data.dataset}:{config.data.eval_split} of {where}: ' +
-        '  '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
+  results = {}
+  for evaluation in evaluations:
+    scores = run_evaluation(config, evaluation, eval_fn, weights, batch_stats,
+                            mesh)
+    entry = config.evals[evaluation.name]
+    print(f'{evaluation.name} ({entry.dataset or config.data.dataset}:'
+          f'{entry.split}) of {where}: ' +
+          '  '.join(f'{k} {v:.4f}' for k, v in scores.items()), flush=True)
+    results.update(scores)
   return results
 
 

@@ -170,16 +170,18 @@ def rates_figure(rates: dict[str, tuple[float, float]], *,
 def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
   """Training curves from ``{metric: [(step, value), ...]}`` as collected
   from ``train_lib.train_and_evaluate(..., on_metrics=...)``: the loss, and
-  the training batch accuracy with the evaluations' top-1."""
+  the training batch accuracy with the evaluations' top-1 (every
+  ``<evaluation>_loss`` and ``<evaluation>_top1``, raw and EMA)."""
   fig = Figure(figsize=(10, 3.2), layout='constrained')
   loss_ax, accuracy_ax = fig.subplots(1, 2)
-  for ax, metrics, ylabel in (
-      (loss_ax, ('loss', 'eval_loss'), 'cross-entropy'),
-      (accuracy_ax, ('accuracy', 'eval_top1', 'ema_eval_top1'), 'accuracy')):
-    for metric in metrics:
+  for ax, train_metric, eval_suffix, ylabel in (
+      (loss_ax, 'loss', '_loss', 'cross-entropy'),
+      (accuracy_ax, 'accuracy', '_top1', 'accuracy')):
+    evaluations = sorted(m for m in history if m.endswith(eval_suffix))
+    for metric in (train_metric, *evaluations):
       if history.get(metric):
         steps, values = zip(*history[metric])
-        ax.plot(steps, values, 'o-' if 'eval' in metric else '-',
+        ax.plot(steps, values, '-' if metric == train_metric else 'o-',
                 label=metric)
     ax.set_xlabel('step')
     ax.set_ylabel(ylabel)
@@ -259,7 +261,7 @@ if __name__ == '__main__':
   # pylint: disable=g-import-not-at-top
   from absl import flags
   from ml_collections import config_flags
-  from glmix_jax import cli, launch
+  from glmix_jax import cli
   # pylint: enable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file.',
                                   lock_config=True)

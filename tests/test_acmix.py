@@ -12,10 +12,10 @@ import pytest
 
 from conftest import reference_file
 from glmix_jax import convert, models
-from glmix_jax.models import acmix
+from glmix_jax.models import acmix, acmix_swin
 from test_convert import assert_matches, assert_network_matches
 
-# Official parameter counts (torch 2.13, LeapLabTHU/ACmix 81dddb6; spec §5).
+# Official parameter counts (torch 2.13, LeapLabTHU/ACmix 81dddb6).
 OFFICIAL_PARAMS = {
     'acmix_resnet26': 10_487_816,
     'acmix_resnet38': 14_410_896,
@@ -114,7 +114,7 @@ def test_network_matches_official(fixture, name, overrides):
 
 
 # ---------------------------------------------------------------------------
-# Weight import rules specific to ACmix (spec §8, §9 #1).
+# Weight import rules specific to ACmix (the official dep_conv has no bias).
 
 
 @pytest.fixture(name='module_s2')
@@ -141,7 +141,8 @@ def test_missing_rate_is_named(module_s2):
 
 
 # ---------------------------------------------------------------------------
-# Inputs the official code rejects or crashes on (spec §6, §9 #6, #7).
+# Inputs the official code rejects or crashes on (reflection padding by 3;
+# stride 2 on odd sides).
 
 
 @pytest.mark.parametrize('name,shape,smallest', [
@@ -174,7 +175,8 @@ def test_wrong_channel_count_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------
-# Initialisation: the official per-family init (spec §9 #2).
+# Initialisation: the official per-family init (ResNet_ImageNet.py's
+# kaiming fan-out over every conv; Swin keeps the shift kernels).
 
 
 def test_init_matches_official_per_family():
@@ -183,7 +185,7 @@ def test_init_matches_official_per_family():
   assert models.build('acmix_swin_t').dep_conv_init == 'shift'
   assert models.build('acmix_resnet50').dep_conv_init == 'kaiming_fan_out'
   maps = jnp.zeros((1, 8, 8, 256))
-  params = acmix.WindowAttentionACmix(8, 4).init(
+  params = acmix_swin.WindowAttentionACmix(8, 4).init(
       jax.random.PRNGKey(0), maps, None)['params']
   kernel = np.asarray(params['dep_conv']['kernel'])  # (3, 3, 9, C)
   np.testing.assert_array_equal(
@@ -223,7 +225,7 @@ def test_train_mode_updates_batch_stats_and_uses_drop_path():
 
 
 # ---------------------------------------------------------------------------
-# Memory of the 7x7 local attention (spec §10).
+# Memory of the 7x7 local attention (no 49x copy of k or v).
 
 
 def test_local_attention_never_builds_the_unfolded_tensors():

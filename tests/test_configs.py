@@ -4,16 +4,31 @@ import importlib
 
 import pytest
 
+from configs import common
 from glmix_jax import models
 
-# Official README drop-path rates (spec glnet.md §2).
+# Drop path per size, from the official GLMix README.
 GLNET_CONFIGS = {'glnet_stl': 0.1, 'glnet_4g': 0.15, 'glnet_9g': 0.3,
                  'glnet_16g': 0.4}
+# (config file, argument): every recipe a user can name.
+RECIPES = {
+    **{name: ('glnet', f'variant={name[6:]}') for name in GLNET_CONFIGS},
+    'acmix_swin_t': ('acmix_swin', 'variant=t'),
+    'acmix_swin_s': ('acmix_swin', 'variant=s'),
+    'acmix_resnet50': ('acmix_resnet50', None),
+}
+
+
+def recipe(name, *args):
+  """The config of model ``name``'s recipe, with further config arguments."""
+  file, arg = RECIPES[name]
+  return importlib.import_module(f'configs.{file}').get_config(
+      ','.join(a for a in (arg, *args) if a) or None)
 
 
 @pytest.mark.parametrize('name', sorted(GLNET_CONFIGS))
 def test_glnet_config_is_the_official_recipe(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = recipe(name)
   assert config.model_name == name
   model = models.build(config.model_name, **config.model)
   assert model.drop_path_rate == GLNET_CONFIGS[name]
@@ -35,22 +50,32 @@ def test_glnet_config_is_the_official_recipe(name):
   assert (model.remat, model.scan_blocks) == ('none', False)
 
 
+def test_glnet_stl_file_is_the_stl_variant():
+  from configs import glnet, glnet_stl  # pylint: disable=g-import-not-at-top
+  assert glnet_stl.get_config() == glnet.get_config()
+  assert glnet_stl.get_config() == glnet.get_config('variant=stl')
+  assert glnet_stl.get_config('runlocal') == glnet.get_config('runlocal')
+  with pytest.raises(ValueError, match="Unknown config argument 'variant'"):
+    glnet_stl.get_config('variant=4g')
+
+
 def test_memory_options_reach_the_model_from_the_command_line():
-  config = importlib.import_module('configs.glnet_16g').get_config()
+  config = recipe('glnet_16g')
   config.model.update(remat='full', scan_blocks=True)  # --config.model.remat=
   model = models.build(config.model_name, **config.model)
   assert (model.remat, model.scan_blocks) == ('full', True)
 
 
-# ACmix recipes (spec acmix.md §7): drop path per README, and the schedule /
-# decay rule that glmix_jax.optim implements for each family.
+# ACmix recipes: drop path of the Swin configs (ACmix
+# Swin-Transformer/configs/acmix_swin_*.yaml), and the schedule / decay rule
+# that glmix_jax.optim implements for each family.
 ACMIX_CONFIGS = {'acmix_swin_t': 0.2, 'acmix_swin_s': 0.3,
                  'acmix_resnet50': 0.0}
 
 
 @pytest.mark.parametrize('name', sorted(ACMIX_CONFIGS))
 def test_acmix_config_is_the_official_recipe(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = recipe(name)
   assert config.model_name == name
   model = models.build(config.model_name, **config.model)
   assert model.drop_path_rate == ACMIX_CONFIGS[name]
@@ -74,25 +99,59 @@ def test_acmix_config_is_the_official_recipe(name):
     assert config.augmentation.label_smoothing_spread == 'eps_over_k_minus_1'
 
 
-@pytest.mark.parametrize('name', sorted(GLNET_CONFIGS) + [
-    'acmix_resnet50', 'acmix_swin_t', 'acmix_swin_s'])
+@pytest.mark.parametrize('name', sorted(RECIPES))
 def test_runlocal_shrinks_any_config_to_the_synthetic_set(name):
-  module = importlib.import_module(f'configs.{name}')
-  full, local = module.get_config(), module.get_config('runlocal')
+  full, local = recipe(name), recipe(name, 'runlocal')
   assert local.model_name == full.model_name
   assert local.data.synthetic.image_size == full.data.image_size
   assert local.data.num_classes == 10 and local.global_batch_size == 16
   assert local.total_steps == 20 and local.model.dtype == 'float32'
+  assert local.evals.val.split == 'train[90%:]'
   models.build(local.model_name, **local.model)
-  with pytest.raises(ValueError, match='Unknown config argument'):
-    module.get_config('runfast')
+  with pytest.raises(ValueError, match="Unknown config argument 'runfast'"):
+    recipe(name, 'runfast')
+
+
+def test_config_arguments_take_their_defaults_types():
+  args = common.parse_arg('variant=4g,runlocal,steps=7', variant='stl',
+                          runlocal=False, steps=0, fast=False)
+  assert args.to_dict() == dict(variant='4g', runlocal=True, steps=7,
+                                fast=False)
+  assert common.parse_arg('runlocal=False', runlocal=True).runlocal is False
+  assert common.parse_arg(None, variant='stl').variant == 'stl'
+  for arg, message in [('steps=x', "steps='x' is not of type int"),
+                       ('steps', "'steps' needs a value"),
+                       ('fast=yes', "'fast' is True or False"),
+                       ('steps=1,steps=2', "'steps' is given twice"),
+                       ('slow', "Unknown config argument 'slow'; known: "
+                        'fast, steps')]:
+    with pytest.raises(ValueError, match=message):
+      common.parse_arg(arg, steps=0, fast=False)
+
+
+@pytest.mark.parametrize('file,known', [('glnet', '16g'),
+                                        ('acmix_swin', 's')])
+def test_an_unknown_variant_lists_the_known_ones(file, known):
+  module = importlib.import_module(f'configs.{file}')
+  with pytest.raises(ValueError, match=f'Unknown .* variant .*{known}'):
+    module.get_config('variant=xl')
+
+
+@pytest.mark.parametrize('name', sorted(RECIPES))
+def test_every_recipe_has_the_imagenet_evaluations(name):
+  evals = recipe(name).evals
+  assert {n: (e.dataset, e.split, e.every_steps) for n, e in evals.items()
+          } == {'val': ('', 'validation', 0),
+                'v2': ('imagenet_v2', 'test', -1),
+                'real': ('imagenet2012_real', 'validation', -1)}
 
 
 @pytest.mark.parametrize('name', ['glnet_stl', 'acmix_resnet50',
                                   'acmix_swin_t', 'demo', 'tiny'])
 def test_resume_allows_only_execution_fields_to_change(name):
   from glmix_jax import resume  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = (recipe(name) if name in RECIPES else
+            importlib.import_module(f'configs.{name}').get_config())
   saved = resume.as_saved(config)
   flat = resume._flat(saved)  # pylint: disable=protected-access
   # Every field a resume may change is a field of the recipe (no stale name).
@@ -102,6 +161,8 @@ def test_resume_allows_only_execution_fields_to_change(name):
   changed.update(log_steps=7, checkpoint_steps=9, max_bad_steps=3,
                  mesh_shape=(2, 4))
   changed.data.update(data_dir='/elsewhere', num_threads=3)
+  changed.update(eval_batch_size=8)  # evaluation never changes the state
+  changed.evals.val.update(split='validation[:10%]', every_steps=5)
   assert resume.changed_fields(saved, resume.as_saved(changed)) == []
   changed.optimizer.lr = 1.0
   changed.augmentation.mixup_alpha = 0.3
@@ -111,3 +172,4 @@ def test_resume_allows_only_execution_fields_to_change(name):
   del saved['seed']  # a run saved by code without that field
   assert ('seed', '(absent)', config.seed) in resume.changed_fields(
       saved, resume.as_saved(config))
+

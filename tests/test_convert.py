@@ -3,7 +3,6 @@ the torch-free weight-file reader and the conversion command."""
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

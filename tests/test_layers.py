@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glmix_jax.models import layers
+from glmix_jax.models import kernels, layers
 
 
 def test_drop_path_drops_whole_samples_and_scales_survivors_as_timm():
@@ -60,10 +60,10 @@ def test_gelu_is_exact_gelu_with_its_derivative(dtype):
   x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001),
                        3.0 * jax.random.normal(jax.random.PRNGKey(0), (999,))]
                       ).astype(dtype)
-  np.testing.assert_array_equal(layers.gelu(x), nn.gelu(x, approximate=False))
+  np.testing.assert_array_equal(kernels.gelu(x), nn.gelu(x, approximate=False))
 
   cotangent = jax.random.normal(jax.random.PRNGKey(1), x.shape).astype(dtype)
-  ours = jax.vjp(layers.gelu, x)[1](cotangent)[0]
+  ours = jax.vjp(kernels.gelu, x)[1](cotangent)[0]
   assert ours.dtype == dtype
   # Phi'(x) = Phi(x) + x phi(x), in float64 as the reference
   xf = np.asarray(x, np.float64)

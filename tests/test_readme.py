@@ -26,7 +26,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from conftest import ROOT, subprocess_env
+from conftest import DATA, ROOT, reference_file, subprocess_env
 
 README = (ROOT / 'README.md').read_text()
 JAX_VERSION = re.search(r'^jax==(\S+)$', (ROOT / 'requirements.txt')
@@ -73,10 +73,11 @@ README_COMMANDS = {
     'python train.py --config=configs/tiny.py --workdir=/tmp/tiny':
         ('test', 'tests/conftest.py::tiny_run'),
     'python eval.py --config=configs/glnet_stl.py --checkpoint=/tmp/glnet_stl '
-    '--config.data.dataset=imagenet_v2 --config.data.eval_split=test':
-        ('flags', ''),
+    '--evals=val,v2,real': ('flags', ''),
     'python eval.py --config=configs/glnet_stl.py --checkpoint=/tmp/glnet_stl '
-    '--config.data.dataset=imagenet2012_real': ('flags', ''),
+    '--config.evals.val.split=validation[:10%]': ('flags', ''),
+    'python train.py --config=configs/glnet.py:variant=16g,runlocal '
+    '--workdir=/tmp/g16': ('flags', ''),
     # TPU pod.
     'gcloud compute tpus tpu-vm create glmix-v4 --zone=us-central2-b '
     '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base':
@@ -157,9 +158,13 @@ def parse_entry_point_flags(script: str, args: list[str]) -> None:
   flags.DEFINE_string('workdir', None, '', flag_values=registry)
   if script == 'eval.py':
     flags.DEFINE_string('checkpoint', None, '', flag_values=registry)
+    flags.DEFINE_list('evals', None, '', flag_values=registry)
   registry(argv)
   # A config file that fails to load is only reported on first use.
-  assert registry['config'].value.model_name
+  config = registry['config'].value
+  assert config.model_name
+  if script == 'eval.py':
+    assert set(registry['evals'].value or ()) <= set(config.evals)
   assert registry['workdir'].value or registry['checkpoint'].value
 
 
@@ -214,3 +219,38 @@ def test_readme_figure_is_committed_and_small():
   assert '(docs/slots_demo.png)' in README
   assert figure.read_bytes().startswith(b'\x89PNG')
   assert figure.stat().st_size < 300_000
+
+
+
+def _lookup_outcome(name):
+  """How ``reference_file(name)`` ends: (outcome, message); a skip or a
+  failure is caught here, so neither ends this test."""
+  try:
+    return 'found', str(reference_file(name))
+  except pytest.fail.Exception as failure:
+    return 'fail', str(failure)
+  except pytest.skip.Exception as skip:
+    return 'skip', str(skip)
+
+
+def test_a_missing_reference_fixture_fails_in_ci_and_skips_locally(
+    monkeypatch):
+  """``.ci/run`` exports CI=1 before it runs pytest; with CI set (non-empty)
+  a fixture in neither tests/data nor ../shared fails its test, without it
+  the test is skipped with the same reason; a fixture present is found."""
+  ci = (ROOT / '.ci' / 'run').read_text()
+  assert re.search(r'^export CI=1$', ci, re.M)
+  assert ci.index('export CI=1') < ci.index('python -m pytest')
+  missing = 'no_such_fixture.npz'
+  reason = f'{missing} is neither in tests/data nor in '
+  monkeypatch.setenv('CI', '1')
+  outcome, message = _lookup_outcome(missing)
+  assert outcome == 'fail' and message.startswith(reason)
+  assert 'CI is set' in message
+  assert _lookup_outcome('glnet_stl_tiny.json') == (
+      'found', str(DATA / 'glnet_stl_tiny.json'))
+  monkeypatch.setenv('CI', '')  # empty: as unset
+  outcome, message = _lookup_outcome(missing)
+  assert outcome == 'skip' and message.startswith(reason)
+  monkeypatch.delenv('CI')
+  assert _lookup_outcome(missing)[0] == 'skip'

@@ -14,7 +14,6 @@ import collections
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax

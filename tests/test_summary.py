@@ -10,8 +10,8 @@ from conftest import ROOT
 from glmix_jax.models import summary
 
 # torch FlopCounterMode totals of the official code at 224x224 (conv + matmul
-# + SDPA; spec glnet.md §4.2), and the spec's "everything counted" column
-# (fvcore + attention) in GMACs.
+# + SDPA), and the "everything counted" figure (fvcore + attention) in GMACs,
+# both measured on rayleizhu/GLMix 3c93dbf models/glnet.py.
 OFFICIAL_MACS = {
     'glnet_stl': (4_347_432_960, 4.365),
     'glnet_stl_paramslot': (4_347_432_960, 4.363),
@@ -24,7 +24,7 @@ OFFICIAL_MACS = {
 
 
 # ACmix: FlopCounterMode (conv/matmul) plus the 7x7 window attention's
-# element-wise MACs, in GMACs (spec acmix.md §5 "meas").
+# element-wise MACs, in GMACs, measured on LeapLabTHU/ACmix 81dddb6.
 # ResNet-26/38 and Swin-S differ from these two only in depth.
 ACMIX_MACS = {'acmix_resnet50': 3.502, 'acmix_swin_t': 4.645}
 

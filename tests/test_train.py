@@ -7,18 +7,19 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import hlo
 from conftest import ROOT, subprocess_env, train_cmd
 from configs import tiny
-from glmix_jax import metrics, optim, sharding, train_lib
+from glmix_jax import checkpoint, metrics, models, optim, sharding, train_lib
 from glmix_jax.data import mix
 
 
@@ -35,14 +36,34 @@ def _reference_run(tiny_run):
   return tiny_run
 
 
+def _tiny_lr(t):
+  """configs/tiny.py's learning rate at update t: peak 2e-3 x 16 / 64, a
+  linear warm-up over 1 epoch (86 // 16 = 5 steps), a cosine to 1e-5 over
+  the other 7 of 12 steps."""
+  peak = 2e-3 * 16 / 64
+  if t < 5:
+    return peak * t / 5
+  return 1e-5 + (peak - 1e-5) * 0.5 * (1 + np.cos(np.pi * (t - 5) / 7))
+
+
 def test_tiny_run_trains_logs_and_evaluates(reference_run):
   records = [json.loads(l) for l in
              (reference_run / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in records if 'loss' in r] == list(range(1, 13))
+  steps = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in steps] == list(range(1, 13))
+  # Each record: the lr its update used (update step - 1), finite figures.
+  np.testing.assert_allclose([r['lr'] for r in steps],
+                             [_tiny_lr(t) for t in range(12)], rtol=1e-5,
+                             atol=1e-12)
+  assert all(np.isfinite(r['loss']) and np.isfinite(r['grad_norm']) and
+             r['bad_steps'] == 0 for r in steps)
   final = records[-1]
-  assert final['eval_count'] == final['ema_eval_count'] == 10  # 10 % of 96
-  assert (reference_run / 'config.json').exists()
-  assert list((reference_run / 'checkpoints').iterdir())
+  assert final['val_count'] == final['ema_val_count'] == 10  # 10 % of 96
+  saved = json.loads((reference_run / 'config.json').read_text())
+  assert (saved['model_name'], saved['global_batch_size']) == ('glnet_stl',
+                                                               16)
+  # Every 4 steps, the last 3 kept.
+  assert checkpoint.saved_steps(reference_run) == [4, 8, 12]
   # Every report but the first (which includes compiling).
   waits = [r['input_wait'] for r in records[1:] if 'loss' in r]
   assert len(waits) == 11 and all(0 <= w < 1 for w in waits)
@@ -88,7 +109,7 @@ def test_eval_reproduces_the_final_evaluation_of_training(reference_run):
                      .splitlines()[-1])
   line = done.stdout.strip().splitlines()[-1]
   assert '(step 12)' in line
-  for key in ('eval_top1', 'eval_count', 'ema_eval_top1', 'ema_eval_loss'):
+  for key in ('val_top1', 'val_count', 'ema_val_top1', 'ema_val_loss'):
     value = float(line.split(f' {key} ')[1].split()[0])
     assert value == pytest.approx(final[key], abs=1e-4)
 
@@ -102,9 +123,15 @@ def test_eval_reproduces_the_final_evaluation_of_training(reference_run):
     ('tiny', '--config.modle=x',
      "no such config field: 'modle' Did you mean \"model\" instead"),
     ('tiny', '--config.model_name=glnet_4g_tklb', 'is a token-labeling model'),
+    ('glnet.py:variant=5g', None, "Unknown GLNet variant '5g'; known: stl"),
+    ('glnet.py:varient=stl', None,
+     "Unknown config argument 'varient'; known: runlocal, variant."),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, config, flag, message):
-  done = run_train(tmp_path / 'run', flag, config=f'configs/{config}.py')
+  if ':' not in config:
+    config += '.py'
+  done = run_train(tmp_path / 'run', *[flag] * bool(flag),
+                   config=f'configs/{config}')
   assert done.returncode != 0
   assert 'Traceback' not in done.stderr
   (line,) = [l for l in done.stderr.splitlines() if l.startswith('error:')]
@@ -120,24 +147,21 @@ def test_bad_config_is_one_clear_line(tmp_path, config, flag, message):
 FSDP_MIN_SIZE = 256
 
 
-def tiny_setup(batch=16, optimizer='adamw', accum_steps=1, mesh=None,
-               dtype='float32'):
+def tiny_setup(batch=16, optimizer='adamw', mesh=None, dtype='float32'):
   config = tiny.get_config()
   config.model.dtype = dtype
   if optimizer == 'sgd':  # Adam would amplify rounding in near-zero gradients
     config.optimizer.update(name='sgd', momentum=0.9, weight_decay_rule='all')
-  model = train_lib.build_model(config)
+  model = models.from_config(config)
   schedule = optim.warmup_cosine(1e-3, total=10, warmup=0)
   shape = (1, 32, 32, 3)
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros(shape)))['params']
+  params = jax.eval_shape(functools.partial(
+      train_lib.init_variables, model, shape, 0))['params']
   tx = optim.make_optimizer(config.optimizer, schedule, params)
-  if accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
   config.ema_decay = 0.9
   state = train_lib.init_state(model, tx, shape, 0, True)
   step = train_lib.make_train_step(
-      config, model, tx, schedule, accum_steps=accum_steps, mesh=mesh,
+      config, model, tx, schedule, mesh=mesh,
       shardings=None if mesh is None else sharding.state_shardings(
           state, mesh, min_size=FSDP_MIN_SIZE), donate=False)
   rng = np.random.default_rng(0)
@@ -213,19 +237,110 @@ def test_fsdp_gathers_parameters_within_groups_in_the_compute_dtype(
     assert hlo.shape_of(line).startswith('bf16'), line
 
 
-def test_gradient_accumulation_updates_every_k_passes():
-  state, step, batches = tiny_setup(accum_steps=2)
-  first, _ = step(state, batches[0])
-  jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         (first.params, first.ema_params),
-                         (state.params, state.ema_params))
-  second, metrics = step(first, batches[1])
-  assert int(second.step) == 2
-  assert not np.allclose(second.params['head']['kernel'],
-                         state.params['head']['kernel'])
-  assert not np.allclose(second.ema_params['head']['kernel'],
-                         state.ema_params['head']['kernel'])
-  np.testing.assert_allclose(metrics["lr"], 1e-3)  # update 0 of the schedule
+class _PerExample(nn.Module):
+  """A model whose train-mode logits for an image depend on that image alone:
+  no BatchNorm (whose statistics are those of each forward pass's batch) and
+  no dropout or drop path (whose keys differ per forward pass)."""
+  num_classes: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del train
+    x = nn.gelu(nn.Conv(8, (3, 3), strides=(2, 2), name='stem')(images))
+    return nn.Dense(self.num_classes, name='head')(x.mean(axis=(1, 2)))
+
+
+def _recipe_step(config, model, accum_steps):
+  """The training loop's schedule and optimizer (``recipe_optimizer``: a
+  warm-up-free cosine over 4 updates, the config's optimizer, wrapped in
+  ``optax.MultiSteps`` when accumulating), state and jitted step, for
+  ``accum_steps`` passes per update of ``config.global_batch_size``
+  images."""
+  plan = train_lib._Plan(  # pylint: disable=protected-access
+      total_steps=4, warmup_steps=0, steps_per_epoch=4,
+      accum_steps=accum_steps,
+      pass_batch=config.global_batch_size // accum_steps)
+  shape = (1, 16, 16, 3)
+  params = jax.eval_shape(functools.partial(
+      train_lib.init_variables, model, shape, 0))['params']
+  schedule, tx = train_lib.recipe_optimizer(config, plan, params)
+  state = train_lib.init_state(model, tx, shape, 0, True)
+  step = train_lib.make_train_step(config, model, tx, schedule,
+                                   accum_steps=accum_steps, donate=False)
+  return schedule, state, step
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
+def test_k_accumulated_passes_are_one_step_on_their_concatenated_batch(
+    optimizer):
+  """grad_accum_steps=4 over 4 micro-batches of 4 is one step of the full
+  batch of 16: the parameters, EMA and optimizer state after each update
+  equal (to 1e-5, float32) those of accum 1 on the 4 micro-batches
+  concatenated, for 2 updates (the schedule's step 0, then step 1); the
+  micro-steps in between change neither parameters, EMA nor the optimizer's
+  moments. AdamW (the recipe's) with clipping active: the mean gradient is
+  clipped, not each pass's; AdamW and clipping are blind to the gradient's
+  scale, so SGD with momentum and no clipping checks that it is the mean of
+  the k gradients, not their sum.
+
+  Exact in the math only where a forward pass's per-example losses do not
+  depend on the rest of its batch, so: a model without BatchNorm (its
+  statistics, and so its gradients, are per micro-batch; its running
+  averages take one momentum step per pass) and without dropout / drop path
+  (keys per pass), Mixup / CutMix off (they mix labels within a group, and
+  draw per pass), no random erasing (keys per pass); label smoothing is per
+  example and stays on.
+  """
+  k, micro = 4, 4
+  config = tiny.get_config()
+  config.augmentation.update(mixup_alpha=0.0, cutmix_alpha=0.0)
+  config.update(global_batch_size=k * micro, grad_accum_steps=k,
+                ema_decay=0.9)
+  if optimizer == 'sgd':
+    config.optimizer.update(name='sgd', momentum=0.9, weight_decay=1e-4,
+                            weight_decay_rule='all', grad_clip_norm=0.0,
+                            lr=0.1)
+  else:
+    config.optimizer.grad_clip_norm = 0.05  # below every step's norm
+  model = _PerExample()
+  schedule, accum_state, accum_step = _recipe_step(config, model, k)
+  _, full_state, full_step = _recipe_step(config, model, 1)
+  rng = np.random.default_rng(0)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-8)
+  for update in range(2):
+    full_batch = dict(
+        image=rng.integers(0, 256, (k * micro, 16, 16, 3), np.uint8),
+        label=rng.integers(0, 4, k * micro))
+    before = accum_state
+    losses = []
+    for i in range(k):
+      accum_state, m = accum_step(accum_state, jax.tree_util.tree_map(
+          lambda x, i=i: x[i * micro:(i + 1) * micro], full_batch))
+      losses.append(float(m['loss']))
+      np.testing.assert_allclose(m['lr'], schedule(update), rtol=1e-6)
+      assert int(accum_state.step) == update * k + i + 1
+      if i < k - 1:  # accumulated only
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal,
+            (accum_state.params, accum_state.ema_params,
+             accum_state.opt_state.inner_opt_state),
+            (before.params, before.ema_params,
+             before.opt_state.inner_opt_state))
+    full_state, m = full_step(full_state, full_batch)
+    if optimizer == 'adamw':  # clipping is active
+      assert float(m['grad_norm']) > config.optimizer.grad_clip_norm
+    np.testing.assert_allclose(np.mean(losses), m['loss'], rtol=1e-5)
+    assert int(accum_state.opt_state.gradient_step) == update + 1
+    assert not np.allclose(accum_state.params['head']['kernel'],
+                           before.params['head']['kernel'])
+    jax.tree_util.tree_map(
+        close, (accum_state.params, accum_state.ema_params,
+                accum_state.opt_state.inner_opt_state),
+        (full_state.params, full_state.ema_params, full_state.opt_state))
+  peak = config.optimizer.lr * 16 / 64  # the linear scaling rule
+  np.testing.assert_allclose(schedule(1), 1e-5 + (peak - 1e-5) * 0.5 * (
+      1 + np.cos(np.pi / 4)), rtol=1e-6)  # cosine step 1 of 4
 
 
 def test_non_finite_step_is_skipped_and_reported():

@@ -1,8 +1,8 @@
 """The model registry: ``build(name, **overrides)`` and ``list_models()``.
 
 Each family module contributes a variants table (name -> constructor
-arguments) per Flax module class (``glnet.VARIANTS``, ``acmix.RESNET_VARIANTS``
-...); ``build`` looks a name up and applies the
+arguments) per Flax module class (``glnet.VARIANTS``,
+``acmix_resnet.VARIANTS`` ...); ``build`` looks a name up and applies the
 caller's overrides, which may be any field of that class (``num_classes``,
 ``drop_path_rate``, ``dtype``, ``dims``, ``depths`` ...).
 """
@@ -14,14 +14,13 @@ import fnmatch
 
 import flax.linen as nn
 
-from glmix_jax.models import acmix
-from glmix_jax.models import glnet
+from glmix_jax.models import acmix, acmix_resnet, acmix_swin, glnet
 
 _FAMILIES: tuple[tuple[type[nn.Module], dict[str, dict]], ...] = (
     (glnet.GLNet, glnet.VARIANTS),
     (acmix.ACmix, acmix.MODULE_VARIANTS),
-    (acmix.ACmixResNet, acmix.RESNET_VARIANTS),
-    (acmix.ACmixSwin, acmix.SWIN_VARIANTS),
+    (acmix_resnet.ACmixResNet, acmix_resnet.VARIANTS),
+    (acmix_swin.ACmixSwin, acmix_swin.VARIANTS),
 )
 
 _REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
@@ -57,3 +56,11 @@ def _lookup(name: str) -> tuple[type[nn.Module], dict]:
     raise ValueError(f'Unknown model {name!r}; valid names: '
                      f'{", ".join(list_models())}.')
   return _REGISTRY[name]
+
+
+def from_config(config) -> nn.Module:
+  """The model a training config (``configs/*.py``) describes: the registered
+  ``config.model_name`` with the ``config.model`` fields, and as many classes
+  as ``config.data.num_classes``."""
+  return build(config.model_name, num_classes=config.data.num_classes,
+               **config.model.to_dict())

@@ -1,6 +1,7 @@
 """GLNet and its GLMix block (Zhu et al., NeurIPS 2024, arXiv 2411.14429).
 
-GLMix splits token mixing into two branches that are added (spec glnet.md §6):
+GLMix splits token mixing into two branches that are added (official
+``models/glnet.py::GLMixBlock``; the paper's GLMix block):
 
 * a *global* branch on a small set of S = 64 semantic slots. Slots start as an
   8x8 adaptive average pool of the block input (or a learned table). One logit
@@ -11,20 +12,19 @@ GLMix splits token mixing into two branches that are added (spec glnet.md §6):
   of the updated slots). Cost is linear in N.
 * a *local* branch on the pixel grid: PW -> DW5x5 -> PW, no activation.
 
-Official quirks kept (spec §16): slots come from the raw block input, before
+Official quirks kept (``models/glnet.py``): slots come from the raw block input, before
 the CPE and the norm; similarity uses unit-normalised LN features but the
 clustering aggregates the un-normalised ones; one scalar alpha per block; no
 residual, norm or MLP on the slots; the final norm is BatchNorm; adaptive-pool
 bins overlap when 8 does not divide the map side, exactly as PyTorch's; GLNet-STL
 has no position encoding. Module and parameter names mirror the official
-state_dict so that ``glmix_jax.convert`` is a rename (spec §12).
+state_dict so that ``glmix_jax.convert`` is a rename.
 
 Layout is NHWC throughout; maps are flattened row-major (n = y * W + x).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glmix_jax.models import layers
+from glmix_jax.models import kernels, layers
 
 Dtype = Any
 
@@ -129,7 +129,7 @@ def dispatch(logits: jax.Array, slots: jax.Array) -> jax.Array:
 
 
 class GLMixBlock(nn.Module):
-  """One GLMix block (spec §6), torch ``GLMixBlock``; (B, H, W, C) -> same.
+  """One GLMix block, official ``GLMixBlock``; (B, H, W, C) -> same.
 
   X <- X + CPE(X) (optional); U <- X; Y <- LN1(X)
   X <- U + DropPath(ls1 * (dispatch(A, MHA(soft_cluster(A, Y))) + local(Y)))
@@ -194,7 +194,7 @@ class GLMixBlock(nn.Module):
 
 
 class MHSABlock(nn.Module):
-  """Pre-norm ViT block on (B, N, C) tokens, torch ``MHSA_Block`` (spec §7.1).
+  """Pre-norm ViT block on (B, N, C) tokens, official ``MHSA_Block``.
 
   t <- t + DropPath(MHA(LN1(t))); t <- t + DropPath(MLP(LN2(t))) with a Linear
   GELU MLP. GLNet-STL stage 4; no position encoding.
@@ -215,12 +215,12 @@ class MHSABlock(nn.Module):
     t = t + drop(a, deterministic=not train)
     m = layers.layer_norm(LN_EPS, name='norm2', **kw)(t)
     m = layers.linear(int(self.mlp_ratio * c), name='mlp_0', **kw)(m)
-    m = layers.linear(c, name='mlp_2', **kw)(layers.gelu(m))
+    m = layers.linear(c, name='mlp_2', **kw)(kernels.gelu(m))
     return t + drop(m, deterministic=not train)
 
 
 class MHSAConvBlock(nn.Module):
-  """Full attention with CPE and the conv MLP, torch ``MHSA_NCHW_Block`` (§7.2).
+  """Full attention with CPE and the conv MLP, ``MHSA_NCHW_Block``.
 
   X <- X + DW3x3(X); X <- X + DropPath(ls1 * MHA(LN1(X))) over all H*W tokens;
   X <- X + DropPath(ls2 * ConvMLP(LN2(X))). Quadratic in H*W.
@@ -257,28 +257,20 @@ class MHSAConvBlock(nn.Module):
 # The network.
 
 
-@dataclasses.dataclass(frozen=True)
-class MixTokenBox:
-  """The box that MixToken swapped, on the final-stage grid: rows, then cols."""
-  top: jax.Array
-  left: jax.Array
-  bottom: jax.Array
-  right: jax.Array
-
-
 class GLNet(nn.Module):
-  """GLNet (spec §5): stem, four stages with transitions, BN, pool, linear.
+  """GLNet (official ``GLNet``): stem, four stages with transitions, BN, pool,
+  linear.
 
   ``__call__(images, train=False)`` takes NHWC images of any size the official
   model accepts and returns logits (B, num_classes). With
   ``return_features=True`` it returns ``(logits, features)``, where features
   holds the NHWC maps ``'stem'`` and ``'stage1'`` ... ``'stage4'``.
 
-  ``token_label_head=True`` gives the token-labeling variants (spec §8): an
-  auxiliary linear head on every final token. In eval the output is
-  head(mean token) + 0.5 * max over tokens of the aux logits; in training the
-  model applies MixToken (rng stream ``'mixtoken'``) and returns
-  ``(cls_logits, aux_logits (B, N, K), MixTokenBox)``.
+  ``token_label_head=True`` gives the token-labeling variants (official
+  ``models/glnet_tklb.py::GLNet_tklb``): an auxiliary linear head on every
+  final token, and the output head(mean token) + 0.5 * max over tokens of
+  the aux logits. They evaluate only (``train=True`` raises a ValueError):
+  their training needs MixToken and dense teacher labels.
   """
   num_classes: int = 1000
   dims: Sequence[int] = (96, 192, 384, 768)
@@ -340,18 +332,15 @@ class GLNet(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
                return_features: bool = False):
-    self._check_input(images)
+    self._check_input(images, train)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop_rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     features = {}
     x = images.astype(self.dtype)
-    box = None
     for i in range(4):
       x = self._downsample(i, x, train)
       if i == 0:
         features['stem'] = x
-        if self.token_label_head and train:
-          x, box = self._mix_token(x)
       first = sum(self.depths[:i])
       x = self._stage(i, x, drop_rates[first:first + self.depths[i]], train)
       features[f'stage{i + 1}'] = x
@@ -362,12 +351,19 @@ class GLNet(nn.Module):
       b, h, w, c = x.shape
       aux = layers.linear(self.num_classes, name='tklb_aux_head', **kw)(
           x.reshape(b, h * w, c))
-      if train:
-        return logits, self._unmix_tokens(aux, box, h, w), box
       logits = logits + 0.5 * jnp.max(aux, axis=1)
     return (logits, features) if return_features else logits
 
-  def _check_input(self, images: jax.Array):
+  def _check_input(self, images: jax.Array, train: bool):
+    if self.token_label_head and train:
+      # The official GLNet_tklb trains with MixToken on the stem map and
+      # returns (logits, per-token logits, box) for main_tklb.py's dense
+      # token-labeling loss: a trainer this package does not have.
+      raise ValueError(
+          'A token-labeling GLNet (token_label_head=True, the _tklb models) '
+          'has no training mode here: it trains only with the official '
+          'main_tklb.py recipe (MixToken and dense teacher labels). Call it '
+          'with train=False, or fine-tune a plain GLNet.')
     if images.ndim != 4 or images.shape[-1] != self.in_channels:
       raise ValueError(f'GLNet expects NHWC images (B, H, W, {self.in_channels})'
                        f', got shape {images.shape}.')
@@ -392,7 +388,7 @@ class GLNet(nn.Module):
       return conv(1, dims[i], 2, 2, 0, dims[i - 1])(bn(0)(x))
     if i == 0:  # deep overlapping stem; indices 0 (Identity), 3 (GELU) unused
       x = bn(2)(conv(1, dims[0] // 2, 3, 2, 1, self.in_channels)(x))
-      x = layers.gelu(x)
+      x = kernels.gelu(x)
       return bn(5)(conv(4, dims[0], 3, 2, 1, dims[0] // 2)(x))
     return bn(1)(conv(0, dims[i], 3, 2, 1, dims[i - 1])(x))
 
@@ -412,46 +408,6 @@ class GLNet(nn.Module):
                        mlp_dw=self.mlp_dw,
                        layer_scale_init=self.layer_scale_init),
         remat=self.remat, name=f'stages_{i}')(x, train=train)
-
-  def _mix_token(self, x: jax.Array):
-    """MixToken (token labeling, Jiang et al. 2021) on the 1/4 stem map.
-
-    A box drawn on the 1/32 grid (lambda ~ Beta(1, 1), side sqrt(1 - lambda)
-    of the grid, uniform centre, clipped) is scaled x8 to the stem map, and
-    the features inside it are swapped with the batch-reversed ones.
-    """
-    key_lam, key_r, key_c = jax.random.split(self.make_rng('mixtoken'), 3)
-    grid_h, grid_w = x.shape[1] // 8, x.shape[2] // 8
-    cut = jnp.sqrt(1.0 - jax.random.uniform(key_lam))  # Beta(1,1) = U(0,1)
-    cut_h = jnp.floor(grid_h * cut).astype(jnp.int32)
-    cut_w = jnp.floor(grid_w * cut).astype(jnp.int32)
-    cy = jax.random.randint(key_r, (), 0, max(grid_h, 1))
-    cx = jax.random.randint(key_c, (), 0, max(grid_w, 1))
-    box = MixTokenBox(
-        top=jnp.clip(cy - cut_h // 2, 0, grid_h),
-        left=jnp.clip(cx - cut_w // 2, 0, grid_w),
-        bottom=jnp.clip(cy + cut_h // 2, 0, grid_h),
-        right=jnp.clip(cx + cut_w // 2, 0, grid_w))
-    inside = _box_mask(box, x.shape[1], x.shape[2], scale=8)
-    return jnp.where(inside, x[::-1], x), box
-
-  @staticmethod
-  def _unmix_tokens(aux: jax.Array, box: MixTokenBox, h: int,
-                    w: int) -> jax.Array:
-    """Undo MixToken on the (B, h*w, K) aux logits of the final grid."""
-    b, n, k = aux.shape
-    aux = aux.reshape(b, h, w, k)
-    aux = jnp.where(_box_mask(box, h, w, scale=1), aux[::-1], aux)
-    return aux.reshape(b, n, k)
-
-
-def _box_mask(box: MixTokenBox, h: int, w: int, scale: int) -> jax.Array:
-  """(1, h, w, 1) boolean mask of ``box`` (grid units) times ``scale``."""
-  rows = jnp.arange(h)[:, None]
-  cols = jnp.arange(w)[None, :]
-  inside = ((rows >= scale * box.top) & (rows < scale * box.bottom) &
-            (cols >= scale * box.left) & (cols < scale * box.right))
-  return inside[None, :, :, None]
 
 
 def block_kinds(mixer: str, depth: int) -> tuple[str, ...]:
@@ -598,7 +554,8 @@ def scanned_stage(period: int) -> type[nn.Module]:
 
 
 # ---------------------------------------------------------------------------
-# The released variants (spec §2). Drop path as in the official README.
+# The released variants (official ``glnet_stl`` ... ``glnet_16g``,
+# ``models/glnet_tklb.py``). Drop path as in the official README.
 
 _STL = dict(dims=(96, 192, 384, 768), depths=(2, 2, 6, 2),
             mixers=('glmix', 'glmix', 'glmix', 'mhsa'), mlp_ratio=4.0,

@@ -1,7 +1,8 @@
 """Pieces shared by the model families: PyTorch-matching initialisers, DropPath,
-LayerScale, LayerNorm, the exact GELU, multi-head attention with PyTorch's
-packed projection, the convolutional MLP, and the PyTorch-style convolutions
-(the depthwise one computed by ``kernels``).
+LayerScale, LayerNorm, multi-head attention with PyTorch's packed projection,
+the convolutional MLP, and the PyTorch-style convolutions. How the depthwise
+convolution, the LayerNorm and the exact GELU are computed lives in
+``kernels``.
 
 Every module here computes in ``dtype`` (the compute dtype, e.g. bfloat16) and
 keeps its parameters in ``param_dtype`` (float32 by default), so that mixed
@@ -14,7 +15,6 @@ mechanical rename (see ``glmix_jax.convert``).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -234,44 +234,6 @@ def residual_branch(branch: jax.Array, *, layer_scale_init: float | None,
   return DropPath(drop_path)(branch, deterministic=not train)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                epsilon: float) -> jax.Array:
-  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, epsilon):
-  # nn.LayerNorm(use_fast_variance=False)'s operations in its order, so the
-  # output is the same to the bit: statistics in float32 at least, mean
-  # first, then the mean square deviation (PyTorch's two-pass variance).
-  stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mean = jnp.mean(stats, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(stats - mean), axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(var + epsilon)
-  y = (x - mean) * (rstd * scale) + bias
-  return y, (x, mean, rstd, scale, bias)
-
-
-def _layer_norm_bwd(epsilon, residuals, g):
-  # Written out because autodiff of the forward makes XLA:CPU take several
-  # passes over full-size temporaries (broadcasts of the statistics among
-  # them); here two row reductions and one element-wise pass give dx:
-  # dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat)), g' = g * scale.
-  del epsilon
-  x, mean, rstd, scale, bias = residuals
-  xhat = (x - mean) * rstd
-  g_scaled = g * scale
-  dx = rstd * (g_scaled - jnp.mean(g_scaled, axis=-1, keepdims=True)
-               - xhat * jnp.mean(g_scaled * xhat, axis=-1, keepdims=True))
-  rows = tuple(range(x.ndim - 1))
-  return (dx.astype(x.dtype),
-          jnp.sum(g * xhat, axis=rows).astype(scale.dtype),
-          jnp.sum(g, axis=rows).astype(bias.dtype))
-
-
-_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
 class LayerNorm(nn.Module):
   """LayerNorm over the channel (last) axis with PyTorch's two-pass variance.
 
@@ -288,7 +250,7 @@ class LayerNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
-    return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+    return kernels.layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
 def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype,
@@ -341,38 +303,6 @@ class MultiHeadAttention(nn.Module):
                     bias_init=nn.initializers.zeros, name='out_proj')(out)
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-  """The exact GELU, x * Phi(x) (torch ``nn.GELU()``), with a written backward.
-
-  The forward is ``nn.gelu(x, approximate=False)`` to the bit. Its autodiff
-  saves erfc(-x / sqrt 2) and the derivative's exp(-x^2 / 2) as full-size
-  residuals, three passes over the MLP's widest maps; the written backward
-  keeps only x and recomputes gelu'(x) = Phi(x) + x phi(x) in one pass
-  (BENCHMARKS.md: about 30 ms less per stage-1 MLP on CPU).
-  """
-  return nn.gelu(x, approximate=False)
-
-
-def _gelu_fwd(x):
-  return gelu(x), x
-
-
-def _gelu_bwd(x, g):
-  # In float32 at least: bfloat16's 8 mantissa bits would round Phi(x) near
-  # 1. erf (not erfc) here: in the left tail 0.5 + 0.5 erf keeps ~1e-7 of
-  # absolute accuracy only, negligible next to float32 rounding of a
-  # derivative that reaches 1.13 (tested against float64).
-  compute = jnp.promote_types(x.dtype, jnp.float32)
-  xf = x.astype(compute)
-  cdf = 0.5 + 0.5 * jax.lax.erf(xf * math.sqrt(0.5))
-  pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
-  return ((g.astype(compute) * (cdf + xf * pdf)).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
 def conv_mlp(x: jax.Array, *, hidden_features: int, residual_dw: bool,
              dtype: Dtype, param_dtype: Dtype) -> jax.Array:
   """The GLNet / ConvNeXt-style MLP on NHWC maps (torch ``mlp`` Sequential).
@@ -388,6 +318,6 @@ def conv_mlp(x: jax.Array, *, hidden_features: int, residual_dw: bool,
   if residual_dw:
     h = h + depthwise_conv(h, 3, dtype=dtype, param_dtype=param_dtype,
                            name='mlp_1')
-  h = gelu(h)
+  h = kernels.gelu(h)
   return pointwise(channels, in_features=hidden_features, dtype=dtype,
                    param_dtype=param_dtype, name='mlp_3')(h)

@@ -8,8 +8,8 @@ ACmix's window attention, computed as shifted products, counts its
 products). Where a kernel has a CPU form and a standard one
 (``models.kernels``), the standard form's are counted, which is what GPUs and
 TPUs run and what the function takes. This is what PyTorch's
-``FlopCounterMode`` counts (convs + matmuls + SDPA), the figure the GLNet
-spec recommends (glnet.md §3); element-wise ops, norms and the adaptive
+``FlopCounterMode`` counts (convs + matmuls + SDPA) on the official models,
+the figure the README's table gives; element-wise ops, norms and the adaptive
 average pool that builds the initial slots are not counted (fvcore adds about
 0.4 % for them).
 
@@ -27,7 +27,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from glmix_jax import models
 from glmix_jax.models import kernels, layers
@@ -107,6 +106,11 @@ def count_macs(model: nn.Module, variables: Any,
   return dict(totals), shapes
 
 
+def param_count(params: Any) -> int:
+  """The number of parameters in a (possibly abstract) tree."""
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
 def summarize(name: str, image_size: int | tuple[int, int] = 224,
               **overrides) -> dict[str, Any]:
   """Parameters, MACs and feature shapes of a registered network (abstractly:
@@ -119,8 +123,7 @@ def summarize(name: str, image_size: int | tuple[int, int] = 224,
   macs, (_, features) = count_macs(model, variables, shape)
   return dict(
       model=name, image_size=(h, w),
-      params=sum(int(np.prod(x.shape))
-                 for x in jax.tree_util.tree_leaves(variables['params'])),
+      params=param_count(variables['params']),
       macs=macs, features={k: tuple(v.shape) for k, v in features.items()})
 
 
