@@ -15,8 +15,8 @@ Every torch tensor must land on exactly one Flax variable of the same size and
 every Flax variable must be filled; otherwise the error names the key. Dropped:
 ``num_batches_tracked`` and the buffers the model recomputes (Swin's
 ``relative_position_index`` and ``attn_mask``); an ACmix ``dep_conv.bias``,
-which the official model does not have (acmix.md §9 #1), is dropped only if it
-is all zeros.
+which the official model does not have (its ``reset_parameters`` assigns
+``None`` to it), is dropped only if it is all zeros.
 
 Command::
 
@@ -178,13 +178,14 @@ def main(argv):
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('model', None, 'Registered model name.', required=True)
-  flags.DEFINE_string('checkpoint', None, '.pth, .npz or .safetensors file.',
-                      required=True)
+  flags.DEFINE_string('checkpoint', None, '.pth (.pt, .pth.tar), .npz or '
+                      '.safetensors file.', required=True)
   flags.DEFINE_string('workdir', None, 'New directory for the Orbax '
                       'checkpoint (must not hold one already).', required=True)
   flags.DEFINE_string('entry', None, 'Checkpoint entry holding the state dict '
-                      '(default: model_ema for glnet_16g, else model; ignored '
-                      'for a bare state dict).')
+                      '(default: the first that holds one of model_ema for '
+                      'glnet_16g, then model, state_dict, model_ema, '
+                      'state_dict_ema; ignored for a bare state dict).')
   flags.DEFINE_string('overrides', '{}', 'JSON dict of model field overrides, '
                       'e.g. \'{"num_classes": 10}\'.')
 

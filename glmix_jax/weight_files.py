@@ -1,15 +1,25 @@
 """Read PyTorch-style weight files into flat ``{key: numpy array}`` mappings.
 
-Supported: ``.pth`` / ``.pt`` (PyTorch's zip format, read *without* torch),
-``.npz`` and ``.safetensors``. Official GLNet / ACmix checkpoints are dicts
-holding the state dict under an entry such as ``model`` or ``model_ema``;
-``read_state_dict`` selects it.
+Supported: ``.pth`` / ``.pt`` / ``.pth.tar`` (PyTorch's zip format, read
+*without* torch), ``.npz`` and ``.safetensors``. The official training
+scripts save dicts that hold the state dict under one entry beside optimizer,
+scheduler and config entries; ``read_state_dict`` finds it:
+
+* GLMix ``main_cx2.py`` / ``main_tklb.py`` (ConvNeXt-V2's ``utils.save_model``):
+  ``model``, ``model_ema``, ``optimizer``, ``scaler``, ``epoch``, ``args``;
+* ACmix-Swin (the Swin pipeline's ``utils.save_checkpoint``): ``model``,
+  ``optimizer``, ``lr_scheduler``, ``max_accuracy``, ``epoch``, ``config`` (a
+  yacs ``CfgNode``), ``amp``;
+* ACmix-ResNet (``ResNet/main.py``, ``checkpoint.pth.tar``): ``state_dict``
+  with the ``module.`` prefix of ``DataParallel`` / DDP, ``optimizer``,
+  ``epoch``, ``arch``, ``best_acc1``.
 
 The ``.pth`` reader unpickles with a restricted unpickler: tensors and the few
 containers a state dict needs are rebuilt as numpy arrays, and every other
-class (optimizer state, argparse namespaces, configs) becomes an inert
-placeholder. No code from the file is ever imported or run. Files in PyTorch's
-legacy (pre-1.6, non-zip) format are read through torch when it is installed.
+class (optimizer state, argparse namespaces, yacs or OmegaConf configs) becomes
+an inert placeholder that accepts and drops whatever the pickle puts in it. No
+code from the file is ever imported or run. Files in PyTorch's legacy
+(pre-1.6, non-zip) format are read through torch when it is installed.
 """
 
 from __future__ import annotations
@@ -36,13 +46,25 @@ class WeightFileError(ValueError):
 
 
 class _Opaque:
-  """Stands in for any pickled class a state dict does not need."""
+  """Stands in for any pickled class a state dict does not need, and for its
+  instances: whatever the pickle builds them from (constructor arguments,
+  state, dict items of a dict subclass such as a yacs ``CfgNode``, list items
+  of a list subclass) is dropped."""
 
   def __init__(self, *args, **kwargs):
     del args, kwargs
 
   def __setstate__(self, state):
     del state
+
+  def __setitem__(self, key, value):
+    del key, value
+
+  def append(self, item):
+    del item
+
+  def extend(self, items):
+    del items
 
   def __call__(self, *args, **kwargs):
     return _Opaque()
@@ -146,6 +168,7 @@ def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
 
 
 _READERS = {'.pth': _read_pth, '.pt': _read_pth, '.bin': _read_pth,
+            '.tar': _read_pth,  # ResNet/main.py's checkpoint.pth.tar
             '.npz': _read_npz, '.safetensors': _read_safetensors}
 
 
@@ -171,33 +194,62 @@ def _is_state_dict(obj) -> bool:
       isinstance(v, np.ndarray) for v in obj.values())
 
 
+# Where the official scripts keep the weights, tried in this order when no
+# entry is given: the trained model, then its EMA (timm's CheckpointSaver
+# name too).
+STATE_DICT_ENTRIES = ('model', 'state_dict', 'model_ema', 'state_dict_ema')
+# The prefix nn.DataParallel and DistributedDataParallel give every key.
+_WRAPPER_PREFIX = 'module.'
+
+
+def _entry(content: Mapping, entry: str) -> dict[str, Any]:
+  """``content[entry]``, or in flat files (npz, safetensors) the keys under
+  the prefix ``entry/``."""
+  if isinstance(content.get(entry), Mapping):
+    return dict(content[entry])
+  prefix = entry.rstrip('/') + '/'
+  return {k[len(prefix):]: v for k, v in content.items()
+          if isinstance(k, str) and k.startswith(prefix)}
+
+
+def _unwrapped(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  if all(k.startswith(_WRAPPER_PREFIX) for k in state_dict):
+    return {k[len(_WRAPPER_PREFIX):]: v for k, v in state_dict.items()}
+  return state_dict
+
+
 def select_state_dict(content: Any, entry: str | None, *,
                       default_entry: str = 'model',
                       source: str = 'checkpoint') -> dict[str, np.ndarray]:
-  """The state dict inside ``content``.
+  """The state dict inside ``content``, without a ``module.`` prefix.
 
-  ``entry`` names the sub-dict (``'model'``, ``'model_ema'``); in flat files
-  (npz, safetensors) it is a key prefix (``'sd'`` selects the ``'sd/...'``
-  keys). Without ``entry``, a bare state dict is returned as it is and a
-  checkpoint dict gives its ``default_entry``.
+  ``entry`` names the sub-dict (``'model'``, ``'model_ema'``, ``'state_dict'``);
+  in flat files (npz, safetensors) it is a key prefix (``'sd'`` selects the
+  ``'sd/...'`` keys). Without ``entry``, a bare state dict is returned as it
+  is, and a checkpoint dict gives the first of ``default_entry`` (the entry of
+  the released weights) and ``STATE_DICT_ENTRIES`` that holds one.
   """
   if not isinstance(content, Mapping):
     raise WeightFileError(f'{source} holds a {type(content).__name__}, not a '
                           'dict of tensors.')
-  if entry is None and _is_state_dict(content):
-    return dict(content)
-  entry = entry or default_entry
-  if isinstance(content.get(entry), Mapping):
-    selected = dict(content[entry])
-  else:
-    prefix = entry.rstrip('/') + '/'
-    selected = {k[len(prefix):]: v for k, v in content.items()
-                if isinstance(k, str) and k.startswith(prefix)}
-  if not _is_state_dict(selected):
-    raise WeightFileError(
-        f'{source} has no state dict under entry {entry!r}; choose one with '
-        f'--entry (top-level keys: {", ".join(map(str, list(content)[:10]))}).')
-  return selected
+  keys = ', '.join(map(str, list(content)[:10]))
+  if entry is not None:
+    selected = _entry(content, entry)
+    if not _is_state_dict(selected):
+      raise WeightFileError(
+          f'{source} has no state dict under entry {entry!r}; choose one with '
+          f'--entry (top-level keys: {keys}).')
+    return _unwrapped(selected)
+  if _is_state_dict(content):
+    return _unwrapped(dict(content))
+  for name in dict.fromkeys((default_entry, *STATE_DICT_ENTRIES)):
+    selected = _entry(content, name)
+    if _is_state_dict(selected):
+      return _unwrapped(selected)
+  raise WeightFileError(
+      f'{source} has no state dict under any of the entries '
+      f'{", ".join(dict.fromkeys((default_entry, *STATE_DICT_ENTRIES)))}; '
+      f'name the entry that holds it with --entry (top-level keys: {keys}).')
 
 
 def read_state_dict(path: str | epath.Path, entry: str | None = None, *,

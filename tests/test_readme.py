@@ -57,6 +57,10 @@ README_COMMANDS = {
     '--checkpoint=glnet_stl.pth --workdir=/tmp/glnet_stl':
         ('test', 'tests/test_convert.py::test_convert_command_writes_a_'
                  'loadable_checkpoint_and_never_overwrites'),
+    'python -m glmix_jax.convert --model=acmix_resnet50 '
+    '--checkpoint=checkpoint.pth.tar --workdir=/tmp/acmix_resnet50':
+        ('test', 'tests/test_official_checkpoints.py::test_convert_command_'
+                 'reads_resnet_main_checkpoint_pth_tar'),
     'mkdir -p ~/imagenet_manual': ('shell', 'creates a folder'),
     'python -m glmix_jax.data.prepare --dataset=imagenet2012 '
     '--manual_dir=~/imagenet_manual --data_dir=~/tensorflow_datasets':
