@@ -59,8 +59,16 @@ def imagenet_evals() -> ml_collections.ConfigDict:
 
 
 def loop(**overrides) -> dict:
-  """Bookkeeping of a run: logging, evaluation and checkpoint cadence."""
+  """Bookkeeping of a run: where it starts, logging, evaluation and
+  checkpoint cadence."""
   return dict(
+      # Fine-tuning (glmix_jax.transfer): a model checkpoint or a train.py
+      # workdir whose weights the first step starts from ('' = from
+      # scratch), its 'raw' or 'ema' weights, and the classifier: 'auto'
+      # re-creates it when num_classes differs, 'reinit' always.
+      init_from='',
+      init_weights='raw',
+      init_head='auto',
       total_steps=0,  # > 0 overrides total_epochs
       log_steps=100,
       # Global batch of every evaluation; 0: that of one training forward

@@ -36,6 +36,12 @@ EXECUTION_FIELDS = frozenset({
 # train state and never change it.
 EXECUTION_BLOCKS = ('evals.',)
 
+# Fields added to the configs after runs were saved: a run saved without one
+# computed what this value computes, so a resume with it is the same run.
+ADDED_FIELDS = {
+    'init_from': '', 'init_weights': 'raw', 'init_head': 'auto',  # transfer
+}
+
 _SHOWN = 8  # changed fields listed by name; the rest are counted
 
 
@@ -58,8 +64,9 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any]
                    ) -> list[tuple[str, Any, Any]]:
   """``(field, saved value, current value)`` for every field outside
   ``EXECUTION_FIELDS`` and ``EXECUTION_BLOCKS`` that differs; a field only
-  one side has shows ``'(absent)'`` on the other."""
-  old, new = _flat(saved), _flat(current)
+  one side has shows ``'(absent)'`` on the other (a saved run without one of
+  the ``ADDED_FIELDS`` had its value)."""
+  old, new = {**ADDED_FIELDS, **_flat(saved)}, _flat(current)
   absent = '(absent)'
   return [(name, old.get(name, absent), new.get(name, absent))
           for name in sorted(old.keys() | new.keys())

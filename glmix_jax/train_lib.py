@@ -43,7 +43,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from glmix_jax import (checkpoint, metrics, models, optim, preemption, resume,
-                       sharding)
+                       sharding, transfer)
 from glmix_jax.data import input as data_input
 from glmix_jax.data import mix, on_device, pipeline
 from glmix_jax.errors import NonFiniteError
@@ -398,8 +398,8 @@ def recipe_optimizer(config, plan: _Plan, abstract_params
 
 def _init_or_restore(config, model, tx, abstract_variables, image_shape,
                      mesh, checkpoints):
-  """The latest checkpoint's state, or a fresh one; with the state's
-  shardings. The state's shapes come from the model's abstract variables
+  """The latest checkpoint's state, or a fresh one (from
+  ``config.init_from``'s weights when set); with the state's shardings. The state's shapes come from the model's abstract variables
   (only the optimizer's init is traced for them); the model is traced again
   only to initialise a new run."""
   use_ema = bool(config.ema_decay)
@@ -410,7 +410,13 @@ def _init_or_restore(config, model, tx, abstract_variables, image_shape,
   state = checkpoints.restore_latest(jax.tree_util.tree_map(
       lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
       abstract_state, shardings))
-  if state is None:
+  if state is not None:  # a resumed run never re-reads config.init_from
+    return state, shardings
+  if config.init_from:
+    state = jax.jit(functools.partial(new_state, tx=tx, use_ema=use_ema),
+                    out_shardings=shardings)(transfer.initial_variables(
+                        config, model, abstract_variables))
+  else:
     state = jax.jit(functools.partial(init_state, model, tx, image_shape,
                                       config.seed, use_ema),
                     out_shardings=shardings)()
@@ -444,6 +450,7 @@ def train_and_evaluate(
   evaluation.
   """
   workdir = epath.Path(workdir)
+  transfer.check_config(config)
   if checkpoint.saved_steps(workdir):  # first: a resume must be the same run
     resume.check_resumable(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)

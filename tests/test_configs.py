@@ -173,3 +173,16 @@ def test_resume_allows_only_execution_fields_to_change(name):
   assert ('seed', '(absent)', config.seed) in resume.changed_fields(
       saved, resume.as_saved(config))
 
+
+def test_runs_saved_before_fine_tuning_existed_still_resume():
+  """A run saved by code without the init_* fields started from scratch: it
+  resumes with their from-scratch values, and not as a fine-tuning run."""
+  from glmix_jax import resume  # pylint: disable=g-import-not-at-top
+  config = recipe('glnet_stl')
+  saved = resume.as_saved(config)
+  for field in resume.ADDED_FIELDS:
+    del saved[field]
+  assert resume.changed_fields(saved, resume.as_saved(config)) == []
+  config.init_from = '/runs/pretrained'
+  assert resume.changed_fields(saved, resume.as_saved(config)) == [
+      ('init_from', '', '/runs/pretrained')]

@@ -82,6 +82,12 @@ README_COMMANDS = {
     '--config.evals.val.split=validation[:10%]': ('flags', ''),
     'python train.py --config=configs/glnet.py:variant=16g,runlocal '
     '--workdir=/tmp/g16': ('flags', ''),
+    # Fine-tuning.
+    'python train.py --config=configs/demo.py --workdir=/tmp/glmix_finetune '
+    '--config.init_from=/tmp/glmix_demo': ('flags', ''),
+    'python train.py --config=configs/glnet_stl.py --workdir=/path/to/ft '
+    '--config.init_from=/tmp/glnet_stl --config.init_head=reinit':
+        ('flags', ''),
     # TPU pod.
     'gcloud compute tpus tpu-vm create glmix-v4 --zone=us-central2-b '
     '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base':

@@ -124,6 +124,8 @@ def test_eval_reproduces_the_final_evaluation_of_training(reference_run):
      "no such config field: 'modle' Did you mean \"model\" instead"),
     ('tiny', '--config.model_name=glnet_4g_tklb', 'is a token-labeling model'),
     ('glnet.py:variant=5g', None, "Unknown GLNet variant '5g'; known: stl"),
+    ('tiny', f'--config.init_from={ROOT}/nonexistent',
+     'is neither a train.py workdir with a checkpoint nor a model checkpoint'),
     ('glnet.py:varient=stl', None,
      "Unknown config argument 'varient'; known: runlocal, variant."),
 ])

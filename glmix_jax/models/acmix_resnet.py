@@ -10,7 +10,7 @@ becomes ``layer1_0/conv2/*``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -75,6 +75,8 @@ class ACmixResNet(nn.Module):
   with NHWC maps ``'stem'`` (after the max-pool) and ``'stage1'`` ...
   ``'stage4'`` when ``return_features=True``.
   """
+  # The classifier's parameters (top level): what fine-tuning re-creates.
+  CLASSIFIERS: ClassVar[tuple[str, ...]] = ('fc',)
   num_classes: int = 1000
   depths: Sequence[int] = (3, 4, 6, 3)
   width_per_group: int = 64

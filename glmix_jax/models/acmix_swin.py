@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -257,6 +257,8 @@ class ACmixSwin(nn.Module):
   embedding) and ``'stage1'`` ... ``'stage4'`` (each stage's last block,
   before its PatchMerging) when ``return_features=True``.
   """
+  # The classifier's parameters (top level): what fine-tuning re-creates.
+  CLASSIFIERS: ClassVar[tuple[str, ...]] = ('head',)
   num_classes: int = 1000
   embed_dim: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)

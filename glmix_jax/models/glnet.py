@@ -26,7 +26,7 @@ Layout is NHWC throughout; maps are flattened row-major (n = y * W + x).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -272,6 +272,8 @@ class GLNet(nn.Module):
   the aux logits. They evaluate only (``train=True`` raises a ValueError):
   their training needs MixToken and dense teacher labels.
   """
+  # The classifier's parameters (top level): what fine-tuning re-creates.
+  CLASSIFIERS: ClassVar[tuple[str, ...]] = ('head', 'tklb_aux_head')
   num_classes: int = 1000
   dims: Sequence[int] = (96, 192, 384, 768)
   depths: Sequence[int] = (2, 2, 6, 2)

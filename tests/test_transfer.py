@@ -1,0 +1,144 @@
+"""Fine-tuning (``config.init_from``): which weights a run starts from."""
+
+import functools
+import shutil
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import tiny
+from conftest import ROOT, subprocess_env, train_cmd
+from glmix_jax import checkpoint, models, train_lib, transfer
+
+
+def _start(config):
+  """The new model and the variables its first step starts from."""
+  model = models.from_config(config)
+  size = config.data.image_size
+  abstract = jax.eval_shape(functools.partial(
+      train_lib.init_variables, model, (1, size, size, 3), config.seed))
+  return model, transfer.initial_variables(config, model, abstract)
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+def _finetune_config(source, **fields):
+  config = tiny.get_config()
+  config.update(init_from=str(source), **fields)
+  return config
+
+
+@pytest.mark.parametrize('weights', ['raw', 'ema'])
+def test_workdir_weights_load_bitwise_and_a_new_head_is_created(tiny_run,
+                                                                weights):
+  """From the tiny run (4 classes) to 7 classes: every backbone parameter
+  and BN statistic is the chosen weights', bitwise; the head is new:
+  (32, 7) with weights of std 2e-5 (main_cx2.py's finetune init) and zero
+  bias."""
+  _, state = checkpoint.latest_train_state(tiny_run)
+  config = _finetune_config(tiny_run, init_weights=weights)
+  config.data.num_classes = 7
+  _, variables = _start(config)
+  source = _flat({'params': state['params' if weights == 'raw'
+                                  else 'ema_params'],
+                  'batch_stats': state['batch_stats']})
+  loaded = _flat(variables)
+  heads = {p for p in loaded if p[:2] in (('params', 'head'),)}
+  assert heads == {('params', 'head', 'kernel'), ('params', 'head', 'bias')}
+  assert loaded.keys() - heads == source.keys() - heads
+  for path in loaded.keys() - heads:
+    np.testing.assert_array_equal(loaded[path], source[path],
+                                  err_msg='/'.join(path))
+    assert loaded[path].dtype == source[path].dtype
+  kernel, bias = loaded['params', 'head', 'kernel'], loaded['params', 'head',
+                                                          'bias']
+  assert kernel.shape == (32, 7) and bias.shape == (7,)
+  assert 1.5e-5 < kernel.std() < 2.5e-5 and abs(kernel.mean()) < 1e-5
+  np.testing.assert_array_equal(bias, 0)
+
+
+def test_the_same_classes_keep_the_head_unless_reinit(tiny_run):
+  _, state = checkpoint.latest_train_state(tiny_run)
+  head = jax.device_get(state['params']['head'])
+  _, kept = _start(_finetune_config(tiny_run))
+  np.testing.assert_array_equal(kept['params']['head']['kernel'],
+                                head['kernel'])
+  _, fresh = _start(_finetune_config(tiny_run, init_head='reinit'))
+  assert np.abs(fresh['params']['head']['kernel']).max() < 2e-4
+  np.testing.assert_array_equal(fresh['params']['head']['bias'], 0)
+
+
+def test_model_checkpoint_loads_and_has_no_ema(tiny_run, tmp_path):
+  """A model checkpoint (what convert writes) as the source."""
+  _, state = checkpoint.latest_train_state(tiny_run)
+  config = tiny.get_config()
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  checkpoint.save_variables(tmp_path / 'model', jax.device_get(variables),
+                            model=config.model_name,
+                            overrides=dict(config.model.to_dict(),
+                                           num_classes=4))
+  _, loaded = _start(_finetune_config(tmp_path / 'model'))
+  for path, value in _flat(variables).items():
+    np.testing.assert_array_equal(_flat(loaded)[path], value)
+  with pytest.raises(transfer.TransferError, match='init_weights=raw'):
+    _start(_finetune_config(tmp_path / 'model', init_weights='ema'))
+
+
+def test_unknown_choices_are_refused():
+  for field, value, choices in (('init_weights', 'best', 'raw, ema'),
+                                ('init_head', 'keep', 'auto, reinit')):
+    config = tiny.get_config()
+    config[field] = value
+    with pytest.raises(ValueError, match=f"config.{field}='{value}'; choose "
+                       f'one of {choices}'):
+      transfer.check_config(config)
+
+
+def test_weights_of_another_architecture_name_the_keys(tiny_run, tmp_path):
+  config = _finetune_config(tiny_run)
+  config.model.dims = (32, 32, 32, 64)
+  with pytest.raises(transfer.TransferError,
+                     match=r'do not fit glnet_stl with these model fields \(only the '
+                     r'classifier, head, may differ\): 18 of another shape: .*'
+                     r'params/downsample_layers_3_1/bias \(32,\) -> \(64,\)'):
+    _start(config)
+  with pytest.raises(transfer.TransferError, match='neither a train.py '
+                     'workdir with a checkpoint nor a model checkpoint'):
+    _start(_finetune_config(tmp_path / 'nothing_here'))
+
+
+def test_a_resumed_finetuning_run_is_the_uninterrupted_run_bitwise(
+    tiny_run, tmp_path):
+  """A fine-tuning run of 12 steps, and the same run resumed from its step-4
+  checkpoint after its init_from source is deleted: the final states are
+  equal to the bit, so the resume read only its own checkpoint."""
+  source = tmp_path / 'source'
+  shutil.copytree(tiny_run, source)
+  flags = [f'--config.init_from={source}', '--config.init_head=reinit']
+  whole = tmp_path / 'whole'
+  done = subprocess.run(train_cmd(whole, *flags), capture_output=True,
+                        text=True, cwd=ROOT, env=subprocess_env(),
+                        timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert checkpoint.saved_steps(whole) == [4, 8, 12]
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(whole, resumed)
+  for step in (8, 12):
+    shutil.rmtree(resumed / 'checkpoints' / str(step))
+  shutil.rmtree(source)
+  done = subprocess.run(train_cmd(resumed, *flags), capture_output=True,
+                        text=True, cwd=ROOT, env=subprocess_env(),
+                        timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (_, want), (_, got) = (checkpoint.latest_train_state(w)
+                         for w in (whole, resumed))
+  assert int(got['step']) == int(want['step']) == 12
+  leaves = jax.tree_util.tree_leaves_with_path
+  assert len(leaves(got)) == len(leaves(want)) > 0
+  for (path, a), (_, b) in zip(leaves(got), leaves(want)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
