@@ -238,6 +238,9 @@ def glnet_recipe(model_name: str, drop_path_rate: float,
           # bias/gamma/beta, so slot_scale (0-D) and init_slots ARE decayed.
           weight_decay_rule='convnextv2',
           grad_clip_norm=5.0,
+          # Fine-tuning: each layer's lr x layer_decay^(L + 1 - layer)
+          # (optim.layer_decay); 1: none, as in pre-training.
+          layer_decay=1.0,
       ),
       ema_decay=0.9999,  # ModelEma, evaluated alongside the raw weights
       seed=0,
@@ -281,6 +284,9 @@ def acmix_swin_recipe(model_name: str,
           # relative position tables; fc and dep_conv kernels ARE decayed.
           weight_decay_rule='swin',
           grad_clip_norm=5.0,
+          # Fine-tuning: each layer's lr x layer_decay^(L + 1 - layer)
+          # (optim.layer_decay); 1: none, as in pre-training.
+          layer_decay=1.0,
       ),
       ema_decay=0.0,  # no EMA in the Swin pipeline
       seed=0,
@@ -335,6 +341,9 @@ def acmix_resnet_recipe(model_name: str) -> ml_collections.ConfigDict:
           weight_decay=1e-4,
           weight_decay_rule='all',  # rates, BN and biases decayed too
           grad_clip_norm=0.0,
+          # Fine-tuning: each layer's lr x layer_decay^(L + 1 - layer)
+          # (optim.layer_decay); 1: none, as in pre-training.
+          layer_decay=1.0,
       ),
       ema_decay=0.0,
       seed=0,  # main.py default is no seed

@@ -112,13 +112,40 @@ def weight_decay_mask(params: Any, rule: str) -> Any:
 # Optimizers.
 
 
-def make_optimizer(cfg, schedule: Schedule,
-                   params: Any) -> optax.GradientTransformation:
+def layer_decay(params: Any, model, decay: float) -> Any:
+  """Layer-wise lr decay: per parameter, ``decay ** (L + 1 - layer)`` with
+  L = sum(model.depths) and the layer from ``model.layer_index(path)`` (the
+  ConvNeXt-V2 / BEiT fine-tuning rule: 1 for the head, decay^L for the
+  stem)."""
+  if not hasattr(model, 'layer_index'):
+    raise ValueError(f'{type(model).__name__} has no layers to decay the '
+                     'lr over; set optimizer.layer_decay=1.')
+  top = sum(model.depths) + 1
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: decay**(top - model.layer_index(
+          tuple(getattr(k, 'key', str(k)) for k in path))), params)
+
+
+def _scale_updates(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its scale (a tree like params)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)
+
+
+def make_optimizer(cfg, schedule: Schedule, params: Any,
+                   model=None) -> optax.GradientTransformation:
   """The optimizer of ``cfg`` (an ``optimizer`` config block).
 
   Fields: ``name`` ('adamw' | 'sgd'), ``weight_decay``, ``weight_decay_rule``,
-  ``grad_clip_norm`` (0 = none); adamw: ``b1``, ``b2``, ``eps``; sgd:
-  ``momentum``.
+  ``grad_clip_norm`` (0 = none), ``layer_decay`` (1 = none; else ``model``'s
+  per-layer scales, ``layer_decay``, multiply each parameter's whole update,
+  decay term included, as timm's per-group ``lr_scale`` does); adamw:
+  ``b1``, ``b2``, ``eps``; sgd: ``momentum``.
   """
   mask = weight_decay_mask(params, cfg.weight_decay_rule)
   if cfg.name == 'adamw':
@@ -129,6 +156,9 @@ def make_optimizer(cfg, schedule: Schedule,
                       optax.sgd(schedule, momentum=cfg.momentum))
   else:
     raise ValueError(f'Unknown optimizer {cfg.name!r}; choose adamw or sgd.')
+  if cfg.layer_decay != 1.0:
+    opt = optax.chain(opt, _scale_updates(layer_decay(params, model,
+                                                      cfg.layer_decay)))
   if cfg.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
   return opt

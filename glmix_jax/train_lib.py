@@ -380,17 +380,18 @@ def _plan(config, num_records: int) -> _Plan:
                accum_steps=accum, pass_batch=batch // accum)
 
 
-def recipe_optimizer(config, plan: _Plan, abstract_params
+def recipe_optimizer(config, plan: _Plan, abstract_params, model=None
                      ) -> tuple[optim.Schedule, optax.GradientTransformation]:
   """The config's learning-rate schedule and optimizer (with gradient
-  accumulation when ``plan.accum_steps`` > 1)."""
+  accumulation when ``plan.accum_steps`` > 1; ``model`` gives the layers of
+  ``optimizer.layer_decay``)."""
   opt = config.optimizer
   # The recipe's linear scaling rule, on the batch of one optimizer step.
   peak = opt.lr * config.global_batch_size / opt.lr_batch_size
   schedule = optim.make_schedule(opt, peak, total_steps=plan.total_steps,
                                  warmup_steps=plan.warmup_steps,
                                  steps_per_epoch=plan.steps_per_epoch)
-  tx = optim.make_optimizer(opt, schedule, abstract_params)
+  tx = optim.make_optimizer(opt, schedule, abstract_params, model)
   if plan.accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=plan.accum_steps)
   return schedule, tx
@@ -473,7 +474,8 @@ def train_and_evaluate(
   # state's shapes and shardings, and the start line all come from it.
   abstract_variables = jax.eval_shape(functools.partial(
       init_variables, model, image_shape, config.seed))
-  schedule, tx = recipe_optimizer(config, plan, abstract_variables['params'])
+  schedule, tx = recipe_optimizer(config, plan, abstract_variables['params'],
+                                  model)
   # Leaving this block by any path (the end, an error, SIGTERM, Ctrl-C) waits
   # for the checkpoint save in flight and puts SIGTERM's handler back.
   with contextlib.ExitStack() as stack:

@@ -84,7 +84,7 @@ def test_unknown_rule_names_the_choices():
 def test_adamw_decay_is_multiplied_by_the_learning_rate():
   cfg = ml_collections.ConfigDict(dict(
       name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-      weight_decay_rule='timm', grad_clip_norm=0.0))
+      weight_decay_rule='timm', grad_clip_norm=0.0, layer_decay=1.0))
   params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}
   opt = optim.make_optimizer(cfg, lambda step: 0.1, params)
   zero = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -96,7 +96,7 @@ def test_adamw_decay_is_multiplied_by_the_learning_rate():
 def test_sgd_adds_l2_before_momentum_like_torch():
   cfg = ml_collections.ConfigDict(dict(
       name='sgd', momentum=0.9, weight_decay=1e-4, weight_decay_rule='all',
-      grad_clip_norm=0.0))
+      grad_clip_norm=0.0, layer_decay=1.0))
   params = {'w': jnp.full((3,), 2.0)}
   opt = optim.make_optimizer(cfg, lambda step: 0.1, params)
   state = opt.init(params)

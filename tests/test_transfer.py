@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from configs import tiny
 from conftest import ROOT, subprocess_env, train_cmd
-from glmix_jax import checkpoint, models, train_lib, transfer
+from glmix_jax import checkpoint, models, optim, train_lib, transfer
 
 
 def _start(config):
@@ -142,3 +142,76 @@ def test_a_resumed_finetuning_run_is_the_uninterrupted_run_bitwise(
   assert len(leaves(got)) == len(leaves(want)) > 0
   for (path, a), (_, b) in zip(leaves(got), leaves(want)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def _abstract_params(name, size, **overrides):
+  model = models.build(name, **overrides)
+  return model, jax.eval_shape(functools.partial(
+      train_lib.init_variables, model, (1, size, size, 3), 0))['params']
+
+
+# (model, image side, {parameter path: layer}); layer L + 1 = sum(depths) + 1
+# is the head's (scale 1). ConvNeXt-V2's single rule: the stem 1, stage i's
+# downsampling sum(depths[:i]) + 1, block j of stage i sum(depths[:i]) + j + 1.
+LAYERS = {
+    'glnet_stl': (64, {  # depths (2, 2, 6, 2): L = 12
+        'downsample_layers_0_0/kernel': 1, 'downsample_layers_0_1/scale': 1,
+        'stages_0/blocks_0/norm1/scale': 1, 'stages_0/blocks_1/mlp_0/bias': 2,
+        'downsample_layers_1_1/kernel': 3, 'stages_1/blocks_0/slot_scale': 3,
+        'downsample_layers_2_0/scale': 5, 'stages_2/blocks_5/mlp_3/kernel': 10,
+        'downsample_layers_3_1/bias': 11, 'stages_3/blocks_1/mha_op/in_proj/'
+        'kernel': 12, 'norm/scale': 13, 'head/kernel': 13}),
+    'glnet_4g': (64, {  # depths (4, 4, 18, 4): L = 30
+        'downsample_layers_0_1/kernel': 1, 'downsample_layers_0_5/bias': 1,
+        'stages_0/blocks_3/pos_conv/kernel': 4, 'downsample_layers_2_0/kernel':
+        9, 'stages_2/blocks_17/mlp_1/kernel': 26, 'stages_3/blocks_0/norm1/'
+        'scale': 27, 'head/bias': 31}),
+    'acmix_resnet50': (128, {  # depths (3, 4, 6, 3): L = 16
+        'conv1/kernel': 1, 'bn1/scale': 1, 'layer1_0/conv2/rate1': 1,
+        'layer1_2/bn3/bias': 3, 'layer2_0/downsample_0/kernel': 4,
+        'layer3_5/conv2/dep_conv/kernel': 13, 'layer4_2/conv3/kernel': 16,
+        'fc/kernel': 17}),
+    'acmix_swin_t': (224, {  # depths (2, 2, 6, 2): L = 12
+        'patch_embed/proj/kernel': 1, 'layers_0/blocks_1/attn/rate2': 2,
+        'layers_0/downsample/reduction/kernel': 3, 'layers_2/blocks_0/attn/'
+        'relative_position_bias_table': 5, 'layers_2/downsample/norm/scale': 11,
+        'layers_3/blocks_1/mlp/fc2/bias': 12, 'norm/bias': 13,
+        'head/kernel': 13}),
+}
+
+
+@pytest.mark.parametrize('name', sorted(LAYERS))
+def test_layer_decay_gives_each_parameter_its_layers_scale(name):
+  size, layers = LAYERS[name]
+  model, params = _abstract_params(name, size)
+  top = sum(model.depths) + 1
+  scales = traverse_util.flatten_dict(optim.layer_decay(params, model, 0.5),
+                                      sep='/')
+  for path, layer in layers.items():
+    assert scales[path] == 0.5**(top - layer), path
+  assert set(scales.values()) == {0.5**(top - k) for k in range(1, top + 1)}
+
+
+def test_layer_decay_scales_each_update_decay_included():
+  """SGD (lr 0.1, L2 0.01, no momentum) with layer_decay 0.8 on the tiny
+  GLNet: every parameter moves by its scale x the plain update."""
+  config = tiny.get_config()
+  config.optimizer.update(name='sgd', momentum=0.0, weight_decay=0.01,
+                          weight_decay_rule='all', grad_clip_norm=0.0)
+  model = models.from_config(config)
+  params = jax.tree_util.tree_map(
+      lambda x: np.full(x.shape, 2.0, np.float32),
+      _abstract_params(config.model_name, 32, **config.model.to_dict(),
+                       num_classes=4)[1])
+  grads = jax.tree_util.tree_map(np.ones_like, params)
+  plain = optim.make_optimizer(config.optimizer, lambda s: 0.1, params)
+  config.optimizer.layer_decay = 0.8
+  decayed = optim.make_optimizer(config.optimizer, lambda s: 0.1, params,
+                                 model)
+  want, _ = plain.update(grads, plain.init(params), params)
+  got, _ = decayed.update(grads, decayed.init(params), params)
+  scales = optim.layer_decay(params, model, 0.8)
+  jax.tree_util.tree_map(
+      lambda g, w, s: np.testing.assert_allclose(g, w * s, rtol=1e-6),
+      got, want, scales)
+  np.testing.assert_allclose(got['head']['kernel'], -0.1 * (1 + 0.01 * 2.0))

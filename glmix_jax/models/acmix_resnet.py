@@ -87,6 +87,20 @@ class ACmixResNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def layer_index(self, path: Sequence[str]) -> int:
+    """A parameter's layer for layer-wise lr decay (``optim.layer_decay``;
+    the ACmix code has none): GLNet's rule (ConvNeXt-V2's
+    ``get_num_layer_for_convnext_single``) on the ResNet's parts, the stem
+    (``conv1``, ``bn1``) 1, block b of ``layer{s}`` sum(depths[:s - 1]) + b +
+    1 (its projection shortcut included), ``fc`` sum(depths) + 1."""
+    top = path[0]
+    if top in ('conv1', 'bn1'):
+      return 1
+    if top.startswith('layer'):
+      stage, block = (int(n) for n in top.removeprefix('layer').split('_'))
+      return sum(self.depths[:stage - 1]) + block + 1
+    return sum(self.depths) + 1
+
   def min_image_size(self) -> int:
     """Smallest input side for which every ACmix map is valid."""
     return acmix.smallest_valid_side(self.size_problem)

@@ -271,6 +271,23 @@ class ACmixSwin(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def layer_index(self, path: Sequence[str]) -> int:
+    """A parameter's layer for layer-wise lr decay (``optim.layer_decay``;
+    the ACmix code has none): GLNet's rule (ConvNeXt-V2's
+    ``get_num_layer_for_convnext_single``) on Swin's parts, the patch
+    embedding 1, block j of stage i sum(depths[:i]) + j + 1, the PatchMerging
+    after stage i (the next stage's downsampling, like ConvNeXt's)
+    sum(depths[:i + 1]) + 1, the final norm and ``head`` sum(depths) + 1."""
+    top = path[0]
+    if top == 'patch_embed':
+      return 1
+    if top.startswith('layers_'):
+      stage = int(top.removeprefix('layers_'))
+      if path[1] == 'downsample':
+        return sum(self.depths[:stage + 1]) + 1
+      return sum(self.depths[:stage]) + int(path[1].removeprefix('blocks_')) + 1
+    return sum(self.depths) + 1
+
   def min_image_size(self) -> int:
     """Smallest input side whose every stage has whole windows."""
     return acmix.smallest_valid_side(self.size_problem, step=SWIN_PATCH)

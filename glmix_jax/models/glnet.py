@@ -326,6 +326,22 @@ class GLNet(nn.Module):
         raise ValueError(f'Stage width {dim} is not a multiple of head_dim='
                          f'{self.head_dim}.')
 
+  def layer_index(self, path: Sequence[str]) -> int:
+    """A parameter's layer for layer-wise lr decay (``optim.layer_decay``):
+    the rule of ConvNeXt-V2's ``get_num_layer_for_convnext_single``, the helper GLMix's
+    ``main_cx2.py`` imports (its layer-decay block is left commented out
+    there: the helper reads ``int('blocks')`` from GLNet's names): the stem 1, stage i's transition
+    sum(depths[:i]) + 1, its block j sum(depths[:i]) + j + 1, the final norm
+    and the heads sum(depths) + 1."""
+    top = path[0]
+    if top.startswith('downsample_layers_'):
+      return sum(self.depths[:int(top.split('_')[2])]) + 1
+    if top.startswith('stages_'):
+      stage = int(top.removeprefix('stages_'))
+      block = int(path[1].removeprefix('blocks_'))
+      return sum(self.depths[:stage]) + block + 1
+    return sum(self.depths) + 1
+
   def min_image_size(self) -> int:
     """Smallest input side the official model accepts."""
     # 4x4/s4 VALID then three 2x2/s2 VALID convs need a stage-1 map >= 8.
