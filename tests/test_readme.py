@@ -61,6 +61,10 @@ README_COMMANDS = {
     '--checkpoint=checkpoint.pth.tar --workdir=/tmp/acmix_resnet50':
         ('test', 'tests/test_official_checkpoints.py::test_convert_command_'
                  'reads_resnet_main_checkpoint_pth_tar'),
+    'python -m glmix_jax.data.prepare --dataset=my_flowers '
+    '--image_folder=~/flowers --data_dir=~/tensorflow_datasets':
+        ('test', 'tests/test_image_folder.py::test_a_bad_file_is_named_in_one_'
+                 'line_and_nothing_is_written'),
     'mkdir -p ~/imagenet_manual': ('shell', 'creates a folder'),
     'python -m glmix_jax.data.prepare --dataset=imagenet2012 '
     '--manual_dir=~/imagenet_manual --data_dir=~/tensorflow_datasets':
