@@ -116,3 +116,22 @@ def test_a_folder_without_train_is_refused(tmp_path):
   (tmp_path / 'folder' / 'val' / 'daisy').mkdir(parents=True)
   with pytest.raises(DatasetError, match='no train/ folder'):
     prepare.image_folder_splits(tmp_path / 'folder')
+
+
+def test_the_shapes_task_is_a_folder_of_the_target_shapes(tmp_path):
+  """The fine-tuning demo's second task, written by the README's command: an
+  image folder with one class folder per target shape, 120 training and 40
+  validation images each, that prepares as it is."""
+  from glmix_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  done = subprocess.run(
+      [sys.executable, '-m', 'glmix_jax.data.synthetic',
+       f'--image_folder={tmp_path / "shapes"}', '--image_size=32'],
+      capture_output=True, text=True, cwd=ROOT, env=subprocess_env(),
+      check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  classes, splits = prepare.image_folder_splits(tmp_path / 'shapes')
+  assert classes == sorted(synthetic.SHAPES)
+  assert {k: len(v) for k, v in splits.items()} == {'train': 600,
+                                                    'validation': 200}
+  for path, label in splits['train']:
+    assert path.parent.name == classes[label]

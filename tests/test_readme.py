@@ -87,8 +87,17 @@ README_COMMANDS = {
     'python train.py --config=configs/glnet.py:variant=16g,runlocal '
     '--workdir=/tmp/g16': ('flags', ''),
     # Fine-tuning.
-    'python train.py --config=configs/demo.py --workdir=/tmp/glmix_finetune '
-    '--config.init_from=/tmp/glmix_demo': ('flags', ''),
+    'python -m glmix_jax.data.synthetic --image_folder=/tmp/glmix_shapes':
+        ('test', 'tests/test_image_folder.py::test_the_shapes_task_is_a_'
+                 'folder_of_the_target_shapes'),
+    'python -m glmix_jax.data.prepare --dataset=glmix_shapes '
+    '--image_folder=/tmp/glmix_shapes --data_dir=/tmp/glmix_tfds':
+        ('test', 'tests/test_image_folder.py::test_a_bad_file_is_named_in_one_'
+                 'line_and_nothing_is_written'),
+    'python train.py --config=configs/finetune_demo.py '
+    '--workdir=/tmp/glmix_ft': ('flags', ''),
+    'python train.py --config=configs/finetune_demo.py '
+    '--workdir=/tmp/glmix_ft0 --config.init_from=': ('flags', ''),
     'python train.py --config=configs/glnet_stl.py --workdir=/path/to/ft '
     '--config.init_from=/tmp/glnet_stl --config.init_head=reinit':
         ('flags', ''),

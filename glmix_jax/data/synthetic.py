@@ -3,6 +3,7 @@ r"""A synthetic mini-ImageNet in the real ImageNet archive format.
   python -m glmix_jax.data.synthetic --out=DIR [--classes=10] \
       [--images_per_class=260] [--image_size=96]
   python -m glmix_jax.data.synthetic --sample=FILE.png --label=5  # one picture
+  python -m glmix_jax.data.synthetic --image_folder=DIR  # the second task
 
 The first writes ``DIR/ILSVRC2012_img_train.tar``: one ``<wnid>.tar`` per class
 holding ``<wnid>_<n>.JPEG`` files, exactly as ImageNet ships it, so the real
@@ -16,6 +17,11 @@ anchor) and a target shape of another colour. The class is the target's shape
 anchor, so a model must relate two objects across the image (global context),
 not just detect a local pattern; sizes, positions, colours and the background
 vary. Horizontal flips, as in the training recipe, keep the class.
+
+A second task for fine-tuning demos, ``write_image_folder``: the same pictures
+labelled by the target's shape alone (5 classes; above or below at random),
+written as an image folder (``DIR/train/<shape>/*.jpg``, ``DIR/val/...``) for
+``glmix_jax.data.prepare --image_folder``.
 
 ``label_in_pixels=True`` instead paints each image one flat colour that
 encodes its label (``label_from_pixels`` reads it back after JPEG, resizing and
@@ -193,6 +199,24 @@ def write_dataset(out: str | epath.Path, *, classes: int = 10,
   return out
 
 
+def write_image_folder(out: str | epath.Path, *, images_per_class: int = 120,
+                       val_per_class: int = 40, image_size: int = 80,
+                       seed: int = 1) -> epath.Path:
+  """The shapes task: ``out/{train,val}/<shape>/<n>.jpg``, class = the
+  target's shape, its place (above or below the disc) drawn at random."""
+  out = epath.Path(out)
+  rng = np.random.default_rng(seed)
+  for split, count in (('train', images_per_class), ('val', val_per_class)):
+    for shape_index, shape in enumerate(SHAPES):
+      folder = out / split / shape
+      folder.mkdir(parents=True, exist_ok=True)
+      for n in range(count):
+        label = 2 * shape_index + int(rng.integers(2))
+        (folder / f'{n}.jpg').write_bytes(
+            _jpeg(draw_object_pair(label, image_size, rng)))
+  return out
+
+
 def write_sample(path: str | epath.Path, *, label: int, image_size: int = 96,
                  seed: int = 0) -> epath.Path:
   """One drawn picture of class ``label`` as a PNG file, to show a model."""
@@ -217,9 +241,13 @@ def main(argv):
     print(f'Wrote a picture of class {f.label} ({class_name(f.label)}) to '
           f'{path}')
     return
+  if f.image_folder:
+    out = write_image_folder(f.image_folder, image_size=f.image_size)
+    print(f'Wrote the shapes task ({len(SHAPES)} classes) to {out}')
+    return
   if not f.out:
-    raise ValueError('Give --out=DIR (the dataset) or --sample=FILE (one '
-                     'picture).')
+    raise ValueError('Give --out=DIR (the dataset), --image_folder=DIR (the '
+                     'shapes task) or --sample=FILE (one picture).')
   out = write_dataset(f.out, classes=f.classes,
                       images_per_class=f.images_per_class,
                       image_size=f.image_size, val_images=f.val_images,
@@ -234,6 +262,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('out', None, 'Output directory (the TFDS manual_dir).')
   flags.DEFINE_string('sample', None, 'Instead: a PNG file for one picture '
                       'of class --label.')
+  flags.DEFINE_string('image_folder', None, 'Instead: the shapes task (a '
+                      'second task, for fine-tuning) as an image folder.')
   flags.DEFINE_integer('label', 0, 'The class of the --sample picture.')
   flags.DEFINE_integer('classes', 10, 'Number of classes.')
   flags.DEFINE_integer('images_per_class', 260, 'Training images per class.')

@@ -152,7 +152,7 @@ class GLMixBlock(nn.Module):
     b, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-    if self.slot_init == 'pool':  # from the raw block input (quirk 1)
+    if self.slot_init == 'pool':  # from the raw block input, before CPE and norm (official)
       grid = int(np.sqrt(self.num_slots))
       init_slots = adaptive_avg_pool(x.astype(jnp.float32), grid)
       init_slots = init_slots.reshape(b, self.num_slots, c)
