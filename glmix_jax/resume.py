@@ -43,6 +43,10 @@ ADDED_FIELDS = {
     'optimizer.layer_decay': 1.0,
 }
 
+# Fields that earlier configs had and that only steered evaluation
+# (replaced by ``config.evals`` and ``eval_batch_size``): ignored.
+RETIRED_FIELDS = frozenset({'eval_steps', 'data.eval_split'})
+
 _SHOWN = 8  # changed fields listed by name; the rest are counted
 
 
@@ -66,12 +70,13 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any]
   """``(field, saved value, current value)`` for every field outside
   ``EXECUTION_FIELDS`` and ``EXECUTION_BLOCKS`` that differs; a field only
   one side has shows ``'(absent)'`` on the other (a saved run without one of
-  the ``ADDED_FIELDS`` had its value)."""
+  the ``ADDED_FIELDS`` had its value; ``RETIRED_FIELDS`` are ignored)."""
   old, new = {**ADDED_FIELDS, **_flat(saved)}, _flat(current)
   absent = '(absent)'
   return [(name, old.get(name, absent), new.get(name, absent))
           for name in sorted(old.keys() | new.keys())
           if name not in EXECUTION_FIELDS
+          and name not in RETIRED_FIELDS
           and not name.startswith(EXECUTION_BLOCKS)
           and old.get(name, absent) != new.get(name, absent)]
 

@@ -400,9 +400,10 @@ def recipe_optimizer(config, plan: _Plan, abstract_params, model=None
 def _init_or_restore(config, model, tx, abstract_variables, image_shape,
                      mesh, checkpoints):
   """The latest checkpoint's state, or a fresh one (from
-  ``config.init_from``'s weights when set); with the state's shardings. The state's shapes come from the model's abstract variables
-  (only the optimizer's init is traced for them); the model is traced again
-  only to initialise a new run."""
+  ``config.init_from``'s weights when set); with the state's shardings. The
+  state's shapes come from the model's abstract variables (only the
+  optimizer's init is traced for them); the model is traced again only to
+  initialise a new run from scratch."""
   use_ema = bool(config.ema_decay)
   abstract_state = jax.eval_shape(
       functools.partial(new_state, tx=tx, use_ema=use_ema),
@@ -413,7 +414,8 @@ def _init_or_restore(config, model, tx, abstract_variables, image_shape,
       abstract_state, shardings))
   if state is not None:  # a resumed run never re-reads config.init_from
     return state, shardings
-  if config.init_from:
+  if config.init_from:  # the weights are the jitted init's argument, not
+    # constants of its program
     state = jax.jit(functools.partial(new_state, tx=tx, use_ema=use_ema),
                     out_shardings=shardings)(transfer.initial_variables(
                         config, model, abstract_variables))

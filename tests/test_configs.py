@@ -177,13 +177,20 @@ def test_resume_allows_only_execution_fields_to_change(name):
 
 def test_runs_saved_before_fine_tuning_existed_still_resume():
   """A run saved by code without the init_* fields started from scratch: it
-  resumes with their from-scratch values, and not as a fine-tuning run."""
+  resumes with their from-scratch values, and not as a fine-tuning run; its
+  old evaluation fields (eval_steps, data.eval_split, no evals) do not stop
+  it."""
   from glmix_jax import resume  # pylint: disable=g-import-not-at-top
   config = recipe('glnet_stl')
   saved = resume.as_saved(config)
   for field in resume.ADDED_FIELDS:
     *blocks, name = field.split('.')
     functools.reduce(dict.__getitem__, blocks, saved).pop(name)
+  saved.update(eval_steps=5000)  # evaluation fields such runs also had
+  saved['data']['eval_split'] = 'validation'
+  for field in ('eval_batch_size',):
+    saved.pop(field)
+  del saved['evals']
   assert resume.changed_fields(saved, resume.as_saved(config)) == []
   config.init_from = '/runs/pretrained'
   assert resume.changed_fields(saved, resume.as_saved(config)) == [
