@@ -55,7 +55,20 @@ def imagenet_evals() -> ml_collections.ConfigDict:
       # ImageNet-ReaL (Beyer et al. 2020): also ``real_top1``.
       real=dict(dataset='imagenet2012_real', split='validation',
                 every_steps=-1),
+      # Few-shot linear probes on the pre-logit features (glmix_jax.fewshot,
+      # big_vision's fewshot_lsr): k shots per class of train_split, scored
+      # on split; ``eval.py --evals=fewshot``.
+      fewshot=few_shot(),
   ))
+
+
+def few_shot(dataset: str = '', train_split: str = 'train',
+             split: str = 'validation', every_steps: int = -1) -> dict:
+  """A few-shot probe entry of ``config.evals`` (1, 5, 10, 25 shots; the
+  ridge's l2 as big_vision's default, 2^10)."""
+  return dict(type='fewshot', dataset=dataset, train_split=train_split,
+              split=split, shots=(1, 5, 10, 25), l2_reg=2.0**10,
+              every_steps=every_steps)
 
 
 def loop(**overrides) -> dict:
@@ -65,10 +78,12 @@ def loop(**overrides) -> dict:
       # Fine-tuning (glmix_jax.transfer): a model checkpoint or a train.py
       # workdir whose weights the first step starts from ('' = from
       # scratch), its 'raw' or 'ema' weights, and the classifier: 'auto'
-      # re-creates it when num_classes differs, 'reinit' always.
+      # re-creates it when num_classes differs, 'reinit' always;
+      # freeze_backbone: train the classifier alone (a linear probe).
       init_from='',
       init_weights='raw',
       init_head='auto',
+      freeze_backbone=False,
       total_steps=0,  # > 0 overrides total_epochs
       log_steps=100,
       # Global batch of every evaluation; 0: that of one training forward
@@ -146,6 +161,7 @@ def run_locally(config: ml_collections.ConfigDict
                      image_size=config.data.image_size),
       num_classes=10, train_split='train[:90%]')
   config.evals.val.split = 'train[90%:]'
+  config.evals.fewshot.update(train_split='train[:90%]', split='train[90%:]')
   config.augmentation.update(repeated_augmentation=1, mix_group_size=2)
   config.model.dtype = 'float32'
   config.update(total_steps=20, warmup_epochs=0, global_batch_size=16,
@@ -166,6 +182,7 @@ def synthetic_demo(config: ml_collections.ConfigDict,
       synthetic=dict(classes=10, images_per_class=260, image_size=80),
       num_classes=10, image_size=image_size, train_split='train[:90%]')
   config.evals.val.split = 'train[90%:]'
+  config.evals.fewshot.update(train_split='train[:90%]', split='train[90%:]')
   config.augmentation.update(
       random_resized_crop_scale=(0.7, 1.0), randaugment='', random_erasing=0.0,
       mixup_alpha=0.0, cutmix_alpha=0.0, repeated_augmentation=1)

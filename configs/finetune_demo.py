@@ -24,6 +24,7 @@ def get_config():
   config.data.update(dataset='glmix_shapes', data_dir='/tmp/glmix_tfds',
                      num_classes=5, train_split='train')
   config.evals.val.split = 'validation'
+  config.evals.fewshot.update(train_split='train', split='validation')
   config.update(init_from='/tmp/glmix_demo', total_steps=60, warmup_epochs=0,
                 checkpoint_steps=60, log_steps=10)
   config.optimizer.lr = 2e-4

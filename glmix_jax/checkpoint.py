@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -64,17 +64,20 @@ def load_variables(directory: str | epath.Path) -> tuple[nn.Module, Any]:
 
 
 def _manager(workdir: str | epath.Path, *, save_every: int = 1, keep: int = 1,
-             keep_every: int | None = None,
-             writer: bool = True) -> ocp.CheckpointManager:
+             keep_every: int | None = None, writer: bool = True,
+             handler: Any = None) -> ocp.CheckpointManager:
   """An Orbax manager of ``WORKDIR/checkpoints``; a reader (``writer=False``:
-  eval.py beside a training run) creates, cleans and saves nothing."""
+  eval.py beside a training run) creates, cleans and saves nothing.
+  ``handler``: the items' handler (Orbax's standard one; a reader of part of
+  a state passes a PyTree handler, the same format on disk)."""
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_every, max_to_keep=keep,
       keep_period=keep_every, create=writer,
       # Partial saves of a killed run are removed when the next run starts.
       cleanup_tmp_directories=writer, enable_async_checkpointing=writer)
-  return ocp.CheckpointManager(_directory(workdir), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  return ocp.CheckpointManager(
+      _directory(workdir), options=options,
+      item_handlers=handler or ocp.StandardCheckpointHandler())
 
 
 def _directory(workdir: str | epath.Path) -> epath.Path:
@@ -90,11 +93,12 @@ def saved_steps(workdir: str | epath.Path) -> list[int]:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int,
-             abstract_state: Any = None) -> Any:
-  """Restores ``step``; any failure is a CheckpointError naming it."""
+             abstract_state: Any = None, args: Any = None) -> Any:
+  """Restores ``step`` (into ``abstract_state``, or with restore
+  ``args``); any failure is a CheckpointError naming it."""
   try:
-    return manager.restore(step,
-                           args=ocp.args.StandardRestore(abstract_state))
+    return manager.restore(
+        step, args=args or ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # any Orbax / tensorstore / structure failure
     raise CheckpointError(
         f'Cannot restore the checkpoint {manager.directory / str(step)} '
@@ -206,11 +210,15 @@ class TrainCheckpoints(errors.ClosedOnExit):
       time.sleep(settle_s)
 
 
-def latest_train_state(workdir: str | epath.Path) -> tuple[int, dict[str, Any]]:
+def latest_train_state(workdir: str | epath.Path,
+                       fields: Sequence[str] | None = None
+                       ) -> tuple[int, dict[str, Any]]:
   """The step and train state (a plain dict: ``params``, ``batch_stats``,
   ``ema_params`` (None without EMA), ...) of the latest checkpoint in a
-  ``train.py`` workdir, restored as saved, for evaluation or inspection.
-  Reads only: a run still training there is not disturbed.
+  ``train.py`` workdir, restored as saved, for evaluation or inspection;
+  with ``fields``, only those entries are read (e.g. not the optimizer's
+  moments, twice the parameters' size). Reads only: a run still training
+  there is not disturbed.
 
   Raises:
     FileNotFoundError: when the workdir holds no training checkpoint.
@@ -229,7 +237,19 @@ def latest_train_state(workdir: str | epath.Path) -> tuple[int, dict[str, Any]]:
   # Replicated over this process's mesh, whatever devices and processes the
   # run that saved it had.
   replicated = NamedSharding(sharding.make_mesh(), PartitionSpec())
-  target = None if saved is None else jax.tree_util.tree_map(
+  as_saved = lambda tree: jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      dict(saved))
-  return steps[-1], _restore(manager, steps[-1], target)
+      tree)
+  if fields is None or saved is None:
+    target = None if saved is None else as_saved(dict(saved))
+    state = _restore(manager, steps[-1], target)
+    return steps[-1], (state if fields is None else
+                       {k: v for k, v in state.items() if k in fields})
+  # Only ``fields`` (the saved ones: EMA may be None) are read from disk.
+  target = {k: as_saved(v) for k, v in dict(saved).items()
+            if k in fields and v is not None}
+  reader = _manager(workdir, writer=False,
+                    handler=ocp.PyTreeCheckpointHandler())
+  return steps[-1], _restore(reader, steps[-1], args=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(
+          target), partial_restore=True))

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -162,6 +163,38 @@ def make_optimizer(cfg, schedule: Schedule, params: Any,
   if cfg.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
   return opt
+
+
+def trainable_subset(params: Any, trainable: Callable[[tuple[str, ...]], bool]
+                     ) -> Any:
+  """The branches of ``params`` whose flat path ``trainable`` accepts."""
+  return traverse_util.unflatten_dict(
+      {p: v for p, v in traverse_util.flatten_dict(params).items()
+       if trainable(p)})
+
+
+def only_trainable(tx: optax.GradientTransformation,
+                   trainable: Callable[[tuple[str, ...]], bool]
+                   ) -> optax.GradientTransformation:
+  """``tx`` on the parameters that ``trainable(path)`` accepts; the others
+  (a frozen backbone) get zero updates and no optimizer state, so a linear
+  probe keeps no Adam moments for the backbone. ``tx`` must be built on
+  ``trainable_subset(params)``, so that its masks and scales see the same
+  tree."""
+
+  def init(params):
+    return tx.init(trainable_subset(params, trainable))
+
+  def update(updates, state, params=None):
+    subset, state = tx.update(
+        trainable_subset(updates, trainable), state,
+        None if params is None else trainable_subset(params, trainable))
+    new = traverse_util.flatten_dict(subset)
+    return traverse_util.unflatten_dict({
+        p: new[p] if p in new else jnp.zeros_like(u)
+        for p, u in traverse_util.flatten_dict(updates).items()}), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def steps_for(epochs: float, examples_per_epoch: int, batch: int) -> int:

@@ -40,6 +40,7 @@ EXECUTION_BLOCKS = ('evals.',)
 # computed what this value computes, so a resume with it is the same run.
 ADDED_FIELDS = {
     'init_from': '', 'init_weights': 'raw', 'init_head': 'auto',  # transfer
+    'freeze_backbone': False,
     'optimizer.layer_decay': 1.0,
 }
 

@@ -42,8 +42,8 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from glmix_jax import (checkpoint, metrics, models, optim, preemption, resume,
-                       sharding, transfer)
+from glmix_jax import (checkpoint, fewshot, metrics, models, optim,
+                       preemption, resume, sharding, transfer)
 from glmix_jax.data import input as data_input
 from glmix_jax.data import mix, on_device, pipeline
 from glmix_jax.errors import NonFiniteError
@@ -98,8 +98,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
                tx: optax.GradientTransformation, schedule: optim.Schedule,
                mix_settings: mix.MixSettings, num_classes: int,
                pixels: PixelStats, seed: int, ema_decay: float,
-               accum_steps: int = 1,
-               param_shardings: Any = None) -> tuple[TrainState, dict]:
+               accum_steps: int = 1, param_shardings: Any = None,
+               trainable: Callable[[tuple[str, ...]], bool] | None = None
+               ) -> tuple[TrainState, dict]:
   """One step on a global (micro-)batch; skips the update if non-finite.
 
   ``batch['image']`` is uint8, normalised here with ``pixels`` (and erased
@@ -108,7 +109,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   ``accum_steps`` > 1, ``tx`` is an ``optax.MultiSteps``: parameters and EMA
   change on every ``accum_steps``-th call, with the mean gradient. With
   ``param_shardings`` (FSDP), split weights are gathered in the compute
-  dtype (``sharding.gathered_in``).
+  dtype (``sharding.gathered_in``). With ``trainable`` (a frozen backbone,
+  ``transfer.trainable``), only the parameters it accepts get gradients
+  (the others are constants of the step: no backward pass through the
+  backbone) and change, and the model runs in evaluation mode.
   """
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   images = on_device.normalize(batch['image'], pixels.mean, pixels.std)
@@ -125,13 +129,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
                                  mix_settings.spread)
 
   def loss_fn(params):
+    if trainable is not None:
+      params = _frozen_except(params, trainable)
     if param_shardings is not None:
       params = sharding.gathered_in(params, param_shardings, model.dtype)
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, images,
-        train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    if trainable is None:
+      logits, updates = model.apply(variables, images, train=True,
+                                    mutable=['batch_stats'],
+                                    rngs={'dropout': dropout_rng})
+      batch_stats = updates['batch_stats']
+    else:
+      logits, batch_stats = model.apply(variables, images, train=False), (
+          state.batch_stats)
     loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-    return loss.mean(), (logits, updates['batch_stats'])
+    return loss.mean(), (logits, batch_stats)
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
@@ -145,9 +157,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
     if ema is not None:
       updated = (tx.has_updated(opt_state) if accum_steps > 1
                  else True)
-      ema = jax.tree_util.tree_map(
-          lambda e, p: jnp.where(updated, ema_decay * e + (1 - ema_decay) * p,
-                                 e), ema, params)
+      ema = jax.tree_util.tree_map_with_path(
+          lambda path, e, p: e if trainable and not trainable(_keys(path))
+          else jnp.where(updated, ema_decay * e + (1 - ema_decay) * p, e),
+          ema, params)
     return state.replace(step=state.step + 1, params=params,
                          batch_stats=batch_stats, opt_state=opt_state,
                          ema_params=ema)
@@ -161,6 +174,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
       param_norm=optax.tree.norm(new.params), finite=finite,
       bad_steps=new.bad_steps,
       accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)))
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', k)) for k in path)
+
+
+def _frozen_except(params, trainable: Callable[[tuple[str, ...]], bool]):
+  """``params`` with a stopped gradient wherever ``trainable`` says no."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p if trainable(_keys(path)) else jax.lax.stop_gradient(p),
+      params)
 
 
 def _choose(pred: jax.Array, if_true: Callable, if_false: Callable,
@@ -199,7 +223,8 @@ def make_train_step(config: ml_collections.ConfigDict, model,
       num_classes=config.data.num_classes,
       pixels=PixelStats.from_config(config), seed=config.seed,
       ema_decay=config.ema_decay, accum_steps=accum_steps,
-      param_shardings=shardings.params if split else None)
+      param_shardings=shardings.params if split else None,
+      trainable=transfer.trainable(config, model))
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(step, donate_argnums=donate_argnums)
@@ -296,11 +321,22 @@ def evaluate_weights(eval_fn: Callable, weights: dict[str, Any], batch_stats,
 # The named evaluations of a config (``config.evals``, as in big_vision).
 
 
+EVAL_TYPES = ('classification', 'fewshot')
+
+
 class Evaluation(NamedTuple):
-  """One entry of ``config.evals``, its split opened."""
+  """One entry of ``config.evals``, its split(s) opened."""
   name: str
   source: Any  # a pipeline.open_split data source
   every_steps: int  # in training: 0 at the end, N also every N, -1 never
+  entry: ml_collections.ConfigDict
+  train_source: Any = None  # fewshot: the split the shots come from
+
+  @property
+  def type(self) -> str:
+    """'classification' (the default: top-1/top-5 of the classifier) or
+    'fewshot' (``fewshot``: linear probes on the pre-logit features)."""
+    return self.entry.get('type', 'classification')
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -324,15 +360,34 @@ def open_evaluations(config: ml_collections.ConfigDict, data_dir: str | None,
   if unknown:
     raise ValueError(f'Unknown evaluation(s) {unknown}; this config has: '
                      f'{", ".join(evals)} (config.evals).')
-  return [Evaluation(n, pipeline.open_split(
-      evals[n].dataset or config.data.dataset, evals[n].split, data_dir),
-                     evals[n].every_steps) for n in names]
+  opened = []
+  for n in names:
+    entry = evals[n]
+    dataset = entry.dataset or config.data.dataset
+    evaluation = Evaluation(n, pipeline.open_split(dataset, entry.split,
+                                                   data_dir),
+                            entry.every_steps, entry)
+    if evaluation.type not in EVAL_TYPES:
+      raise ValueError(f'config.evals.{n}.type={evaluation.type!r}; choose '
+                       f'one of {", ".join(EVAL_TYPES)}.')
+    if evaluation.type == 'fewshot':
+      evaluation = evaluation._replace(train_source=pipeline.open_split(
+          dataset, entry.train_split, data_dir))
+    opened.append(evaluation)
+  return opened
 
 
 def run_evaluation(config: ml_collections.ConfigDict, evaluation: Evaluation,
                    eval_fn: Callable, weights: dict[str, Any], batch_stats,
-                   mesh) -> dict[str, float]:
-  """``evaluate_weights`` over every example of ``evaluation``'s split."""
+                   mesh, model) -> dict[str, float]:
+  """``evaluate_weights`` over every example of ``evaluation``'s split, or
+  its few-shot probes (``fewshot.run``)."""
+  if evaluation.type == 'fewshot':
+    return fewshot.run(config, evaluation.entry, name=evaluation.name,
+                       train_source=evaluation.train_source,
+                       eval_source=evaluation.source, model=model,
+                       weights=weights, batch_stats=batch_stats, mesh=mesh,
+                       global_batch=eval_batch_size(config))
   batches = data_input.eval_batches(config, evaluation.source,
                                     global_batch=eval_batch_size(config))
   return evaluate_weights(eval_fn, weights, batch_stats, batches, mesh,
@@ -391,7 +446,13 @@ def recipe_optimizer(config, plan: _Plan, abstract_params, model=None
   schedule = optim.make_schedule(opt, peak, total_steps=plan.total_steps,
                                  warmup_steps=plan.warmup_steps,
                                  steps_per_epoch=plan.steps_per_epoch)
-  tx = optim.make_optimizer(opt, schedule, abstract_params, model)
+  trainable = transfer.trainable(config, model)
+  if trainable is None:
+    tx = optim.make_optimizer(opt, schedule, abstract_params, model)
+  else:  # a frozen backbone: the optimizer sees the classifier alone
+    tx = optim.only_trainable(optim.make_optimizer(
+        opt, schedule, optim.trainable_subset(abstract_params, trainable),
+        model), trainable)
   if plan.accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=plan.accum_steps)
   return schedule, tx
@@ -454,6 +515,7 @@ def train_and_evaluate(
   """
   workdir = epath.Path(workdir)
   transfer.check_config(config)
+  config = data_input.with_class_count(config, str(workdir))
   if checkpoint.saved_steps(workdir):  # first: a resume must be the same run
     resume.check_resumable(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -517,7 +579,7 @@ def train_and_evaluate(
       if state.ema_params is not None:
         weights['ema_'] = state.ema_params
       return run_evaluation(config, evaluation, eval_fn, weights,
-                            state.batch_stats, mesh)
+                            state.batch_stats, mesh, model)
 
     def check_finite(step: int, step_metrics: dict) -> None:
       _check_finite(step, step_metrics, max_bad=config.max_bad_steps,
@@ -584,6 +646,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
   default those that training runs)."""
   if (workdir is None) == (model_checkpoint is None):
     raise ValueError('Give exactly one of --workdir and --checkpoint.')
+  config = data_input.with_class_count(config, workdir or '.')
   pipeline.check_batch_size(eval_batch_size(config), jax.process_count(),
                             jax.local_device_count())
   evaluations = open_evaluations(
@@ -608,7 +671,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *,
   results = {}
   for evaluation in evaluations:
     scores = run_evaluation(config, evaluation, eval_fn, weights, batch_stats,
-                            mesh)
+                            mesh, model)
     entry = config.evals[evaluation.name]
     print(f'{evaluation.name} ({entry.dataset or config.data.dataset}:'
           f'{entry.split}) of {where}: ' +

@@ -13,11 +13,26 @@ side lacks, a shape) stops the run with the keys named.
 
 Only a run's first start reads ``init_from``: a resumed run restores its own
 checkpoint, so the source may be gone by then.
+
+A new image size needs no new weights for GLNet and ACmix-ResNet. ACmix-Swin
+fine-tuned with another ``window_size`` (Swin's 384 px runs use 12) gets
+each relative-position bias table resized as the Swin pipeline does when it
+loads 224 px weights (microsoft/Swin-Transformer ``utils.load_pretrained``):
+each head's (2w-1) x (2w-1) table bicubically interpolated (torch
+``F.interpolate(mode='bicubic')``) to the new (2w'-1) x (2w'-1); the
+relative-position index and shift masks are recomputed, never loaded.
+
+``freeze_backbone`` trains the classifier alone (a linear probe, as in MAE's
+``main_linprobe.py``): the backbone runs in evaluation mode (BatchNorm's
+running statistics, no dropout or drop path), its parameters and statistics
+stay as loaded, bitwise, and no gradient or optimizer state is computed for
+them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -51,8 +66,10 @@ def source_variables(path: str, weights: str) -> dict[str, Any]:
   ``train.py`` workdir's latest checkpoint (raw or EMA parameters)."""
   directory = epath.Path(path)
   if checkpoint.saved_steps(directory):
-    _, state = checkpoint.latest_train_state(directory)
-    params = state['params'] if weights == 'raw' else state.get('ema_params')
+    entry = 'params' if weights == 'raw' else 'ema_params'
+    _, state = checkpoint.latest_train_state(directory,
+                                             fields=(entry, 'batch_stats'))
+    params = state.get(entry)
     if params is None:
       raise TransferError(
           f'{path} was trained without EMA (ema_decay 0): it has no EMA '
@@ -71,6 +88,51 @@ def source_variables(path: str, weights: str) -> dict[str, Any]:
     ) from e
   return {'params': variables['params'],
           'batch_stats': variables.get('batch_stats', {})}
+
+
+def trainable(config: ml_collections.ConfigDict, model
+              ) -> Callable[[tuple[str, ...]], bool] | None:
+  """With ``config.freeze_backbone``, a predicate on a parameter's flat path
+  that accepts the classifier's parameters only; None (all train) without."""
+  if not config.get('freeze_backbone', False):
+    return None
+  heads = frozenset(model.CLASSIFIERS)
+  return lambda path: path[0] in heads
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys' cubic convolution weights of the 4 taps at offsets -1, 0, 1, 2
+  for fractions ``t``, with torch's a = -0.75."""
+  d = np.stack([1 + t, t, 1 - t, 2 - t], -1)
+  near = ((a + 2) * d - (a + 3)) * d * d + 1
+  far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+  return np.where(d <= 1, near, far)
+
+
+def bicubic_resize(x: np.ndarray, size: int) -> np.ndarray:
+  """(S, S, C) -> (size, size, C) as torch's ``F.interpolate(mode='bicubic',
+  align_corners=False)``: source pixel (i + 0.5) S / size - 0.5, four taps
+  per axis, indices clamped at the borders; computed in float64."""
+  src = x.shape[0]
+  pos = (np.arange(size) + 0.5) * (src / size) - 0.5
+  first = np.floor(pos)
+  taps = np.clip(first[:, None] + np.arange(-1, 3), 0, src - 1).astype(int)
+  # (size, src): each output row's weights on the source rows.
+  matrix = np.zeros((size, src))
+  np.add.at(matrix, (np.arange(size)[:, None], taps),
+            _cubic_weights(pos - first))
+  return np.einsum('ij,jkc,lk->ilc', matrix, x.astype(np.float64), matrix)
+
+
+def _is_bias_table(path: tuple[str, ...]) -> bool:
+  return path[-1] == 'relative_position_bias_table'
+
+
+def _resized_table(table: np.ndarray, shape) -> np.ndarray:
+  """A ((2w-1)^2, heads) bias table resized to ``shape``'s window."""
+  side, new_side = (round(math.sqrt(n)) for n in (table.shape[0], shape[0]))
+  grid = np.asarray(table).reshape(side, side, -1)
+  return bicubic_resize(grid, new_side).reshape(shape)
 
 
 def _head_init(key: jax.Array, path: tuple[str, ...], shape) -> np.ndarray:
@@ -93,13 +155,17 @@ def initial_variables(config: ml_collections.ConfigDict, model,
   reinit = {p for p in target if is_head(p) and (
       config.init_head == 'reinit' or p not in source
       or tuple(source[p].shape) != tuple(target[p].shape))}
+  # Swin bias tables of another window (same heads) are resized.
+  resized = {p for p in target if _is_bias_table(p) and p in source
+             and source[p].shape != target[p].shape
+             and source[p].shape[1:] == target[p].shape[1:]}
   unexpected = sorted('/'.join(p) for p in source
                       if p not in target and not is_head(p))
   missing = sorted('/'.join(p) for p in target
                    if p not in source and p not in reinit)
   misshaped = sorted(
       f'{"/".join(p)} {tuple(source[p].shape)} -> {tuple(target[p].shape)}'
-      for p in target if p in source and p not in reinit
+      for p in target if p in source and p not in reinit | resized
       and tuple(source[p].shape) != tuple(target[p].shape))
   problems = [f'{len(keys)} {what}: {", ".join(keys[:5])}'
               + (', ...' if len(keys) > 5 else '')
@@ -114,8 +180,10 @@ def initial_variables(config: ml_collections.ConfigDict, model,
   keys = jax.random.split(jax.random.PRNGKey(config.seed), max(len(reinit), 1))
   fresh = {p: _head_init(k, p, target[p].shape)
            for k, p in zip(keys, sorted(reinit))}
+  fresh.update({p: _resized_table(source[p], target[p].shape)
+                for p in resized})
   # Host (numpy) arrays, the same in every process: the jitted state init
   # places them on the mesh.
   return traverse_util.unflatten_dict({
-      p: np.asarray(fresh[p] if p in reinit else source[p], t.dtype)
+      p: np.asarray(fresh[p] if p in fresh else source[p], t.dtype)
       for p, t in target.items()})

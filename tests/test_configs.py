@@ -144,7 +144,38 @@ def test_every_recipe_has_the_imagenet_evaluations(name):
   assert {n: (e.dataset, e.split, e.every_steps) for n, e in evals.items()
           } == {'val': ('', 'validation', 0),
                 'v2': ('imagenet_v2', 'test', -1),
-                'real': ('imagenet2012_real', 'validation', -1)}
+                'real': ('imagenet2012_real', 'validation', -1),
+                'fewshot': ('', 'validation', -1)}
+  assert (evals.fewshot.type, evals.fewshot.train_split, evals.fewshot.shots,
+          evals.fewshot.l2_reg) == ('fewshot', 'train', (1, 5, 10, 25), 1024)
+
+
+def test_finetune_config_reads_like_the_dataset_table():
+  from configs import finetune  # pylint: disable=g-import-not-at-top
+  config = finetune.get_config('model=acmix_swin_t,dataset=tf_flowers,'
+                               'image_size=384,init_from=/runs/w,linear_probe')
+  assert config.model_name == 'acmix_swin_t' and config.data.num_classes == 0
+  # Swin's 384 px windows, a size every stage tiles.
+  assert config.model.window_size == 12 and config.data.image_size == 384
+  model = models.build(config.model_name, num_classes=5, **config.model)
+  assert model.size_problem(384, 384) is None
+  assert (config.data.train_split, config.evals.val.split) == (
+      'train[:90%]', 'train[90%:]')
+  assert set(config.evals) == {'val', 'fewshot'}
+  assert config.evals.fewshot.train_split == 'train[:90%]'
+  assert (config.init_from, config.init_head, config.freeze_backbone) == (
+      '/runs/w', 'reinit', True)
+  config = finetune.get_config('model=glnet_4g,dataset=my_folder')
+  assert (config.data.train_split, config.evals.val.split) == (
+      'train', 'validation')
+  assert config.optimizer.lr == pytest.approx(2e-3 / 10 * 512 / 2048)
+  assert (config.optimizer.lr_batch_size, config.optimizer.layer_decay,
+          config.global_batch_size, config.freeze_backbone) == (
+              512, 0.8, 512, False)
+  assert 'window_size' not in config.model
+  assert finetune.get_config('model=acmix_resnet50').data.dataset == 'cifar10'
+  with pytest.raises(ValueError, match="No recipe for model 'resnet50'"):
+    finetune.get_config('model=resnet50')
 
 
 @pytest.mark.parametrize('name', ['glnet_stl', 'acmix_resnet50',

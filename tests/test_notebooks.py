@@ -8,6 +8,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT, subprocess_env
+from glmix_jax import checkpoint
 
 NOTEBOOKS = ROOT / 'notebooks'
 
@@ -60,6 +61,11 @@ def test_train_demo_trains_with_live_curves_and_draws(tmp_path, monkeypatch):
   assert metrics[-1]['step'] == 12
   assert (tmp_path / 'sample.png').exists()
   assert len(outputs(notebook, 'image/png')) == 2  # curves, slot maps
+  # The fine-tuning cell: both starts trained and scored.
+  assert f'fine-tuned from {tmp_path}: held-out top-1' in printed
+  assert 'fine-tuned from scratch: held-out top-1' in printed
+  for start in ('demo', 'scratch'):
+    assert checkpoint.saved_steps(tmp_path / f'finetune_from_{start}')[-1] == 4
 
 
 @pytest.mark.parametrize('name', ['quickstart', 'train_demo'])

@@ -328,3 +328,61 @@ def test_real_labels_score_every_rated_image_once(processes):
   assert scores['real_count'] == 7 and scores['count'] == 9
   assert scores['real_top1'] == pytest.approx(5 / 7)
   assert scores['top1'] == 1.0
+
+
+def _png(array) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(array).save(out, format='PNG')
+  return out.getvalue()
+
+
+def test_a_catalog_style_dataset_gives_its_classes_and_is_upsampled(tmp_path):
+  """A TFDS dataset shaped like a catalog one (``oxford_iiit_pet``'s
+  features: a segmentation mask beside the image, a second ClassLabel;
+  splits train and test) of 32 px PNGs, like CIFAR's: ``num_classes=0``
+  takes the builder's 3 classes, the mask is never decoded, and the crops
+  upsample to the model's 64 px (the official CIFAR path's resize)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from configs import finetune, tiny  # pylint: disable=g-import-not-at-top
+  from glmix_jax.data import input as data_input  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Image(),
+      'label': tfds.features.ClassLabel(names=['abyssinian', 'beagle', 'pug']),
+      'species': tfds.features.ClassLabel(names=['cat', 'dog']),
+      'segmentation_mask': tfds.features.Image(shape=(None, None, 1)),
+      'file_name': tfds.features.Text()})
+
+  def examples(count):
+    for i in range(count):
+      yield str(i), {
+          'image': _png(rng.integers(0, 256, (32, 32, 3), np.uint8)),
+          'label': i % 3, 'species': int(i % 3 > 0),
+          'segmentation_mask': _png(np.zeros((32, 32), np.uint8)),
+          'file_name': f'{i}.png'}
+
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='pets_like', version='1.0.0', features=features,
+      data_dir=str(tmp_path), split_datasets={'train': examples(12),
+                                              'test': examples(6)},
+      file_format='array_record', disable_shuffling=True)
+  config = tiny.get_config()
+  del config.data['synthetic']
+  config.data.update(dataset='pets_like', data_dir=str(tmp_path),
+                     num_classes=0, image_size=64, train_split='train')
+  assert finetune.SPLITS['oxford_iiit_pet'] == ('train', 'test')
+  resolved = data_input.with_class_count(config, str(tmp_path))
+  assert resolved.data.num_classes == 3 and config.data.num_classes == 0
+  source = pipeline.open_split('pets_like', 'test', str(tmp_path))
+  assert isinstance(source[0]['segmentation_mask'], bytes)  # left encoded
+  batch = next(data_input.eval_batches(resolved, source, global_batch=8))
+  assert batch['image'].shape == (8, 64, 64, 3)
+  train = next(data_input.train_batches(
+      resolved, pipeline.open_split('pets_like', 'train', str(tmp_path)),
+      start_step=0, global_batch=8))
+  assert train['image'].shape == (8, 64, 64, 3)
+  assert set(train['label'].tolist()) <= {0, 1, 2}
+  with pytest.raises(pipeline.DatasetError,
+                     match=r"Split 'validation' of pets_like \(its splits: "
+                     r'(train, test|test, train)\)'):
+    pipeline.open_split('pets_like', 'validation', str(tmp_path))

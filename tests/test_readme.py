@@ -101,6 +101,14 @@ README_COMMANDS = {
     'python train.py --config=configs/glnet_stl.py --workdir=/path/to/ft '
     '--config.init_from=/tmp/glnet_stl --config.init_head=reinit':
         ('flags', ''),
+    'python train.py --config=configs/finetune.py:model=glnet_stl,'
+    'dataset=cifar10,init_from=/tmp/glnet_stl --workdir=/path/to/c10':
+        ('flags', ''),
+    'python train.py --config=configs/finetune.py:model=acmix_swin_t,'
+    'dataset=oxford_iiit_pet,image_size=384,init_from=/tmp/acmix_swin_t,'
+    'linear_probe --workdir=/path/to/pets': ('flags', ''),
+    'python eval.py --config=configs/finetune.py:dataset=oxford_flowers102 '
+    '--checkpoint=/tmp/glnet_stl --evals=fewshot': ('flags', ''),
     # TPU pod.
     'gcloud compute tpus tpu-vm create glmix-v4 --zone=us-central2-b '
     '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base':

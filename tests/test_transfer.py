@@ -10,8 +10,9 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from conftest import ROOT, subprocess_env, train_cmd
+from conftest import ROOT, reference_file, subprocess_env, train_cmd
 from glmix_jax import checkpoint, models, optim, train_lib, transfer
+from glmix_jax.data import mix
 
 
 def _start(config):
@@ -215,3 +216,111 @@ def test_layer_decay_scales_each_update_decay_included():
       lambda g, w, s: np.testing.assert_allclose(g, w * s, rtol=1e-6),
       got, want, scales)
   np.testing.assert_allclose(got['head']['kernel'], -0.1 * (1 + 0.01 * 2.0))
+
+
+def test_a_frozen_backbone_trains_the_head_alone(tiny_run):
+  """freeze_backbone (a linear probe) from the tiny run to 7 classes, two
+  steps: the backbone's parameters, EMA and BN statistics stay the loaded
+  ones, bitwise, the head moves; the optimizer keeps Adam moments for the
+  head only, and the step has no backward pass through the backbone (its
+  FLOPs are under half those of the same step that trains everything)."""
+  config = _finetune_config(tiny_run, freeze_backbone=True)
+  config.data.num_classes = 7
+  model, variables = _start(config)
+  plan = train_lib._Plan(  # pylint: disable=protected-access
+      total_steps=4, warmup_steps=0, steps_per_epoch=4, accum_steps=1,
+      pass_batch=8)
+
+  def step_of(config):
+    schedule, tx = train_lib.recipe_optimizer(config, plan,
+                                              variables['params'], model)
+    state = train_lib.new_state(variables, tx, use_ema=True)
+    return state, train_lib.make_train_step(config, model, tx, schedule,
+                                            donate=False)
+
+  state, step = step_of(config)
+  rng = np.random.default_rng(0)
+  settings = mix.MixSettings.from_config(config.augmentation)
+  batches = [dict(image=rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+                  label=rng.integers(0, 7, 8),
+                  **mix.draw(settings, seed=0, step=i, batch=8, height=32,
+                             width=32)) for i in range(2)]
+  for batch in batches:
+    state, _ = step(state, batch)
+  start = _flat(variables)
+  for name, tree in (('params', state.params), ('ema', state.ema_params)):
+    for path, value in _flat(tree).items():
+      before = start['params', *path]
+      if path[0] == 'head':
+        assert np.abs(value - before).max() > 0, (name, path)
+      else:
+        np.testing.assert_array_equal(value, before, err_msg=str(path))
+  for path, value in _flat(state.batch_stats).items():
+    np.testing.assert_array_equal(value, start['batch_stats', *path])
+  head = sum(v.size for p, v in _flat(variables['params']).items()
+             if p[0] == 'head')
+  moments = [x for x in jax.tree_util.tree_leaves(state.opt_state)
+             if x.ndim > 0]
+  assert sum(x.size for x in moments) == 2 * head
+
+  def flops(freeze):
+    config.freeze_backbone = freeze
+    state, step = step_of(config)
+    return step.lower(state, batches[0]).cost_analysis()['flops']
+
+  assert flops(False) > 2 * flops(True)
+
+
+def test_bicubic_resize_is_torchs():
+  """``F.interpolate(mode='bicubic')`` of a 13 x 13 x 3 table (window 7) to
+  23 x 23 (window 12), saved from torch 2.13 (tests/data): equal to within
+  torch's float32 rounding (ours is computed in float64; 2.2e-6 at most on
+  N(0, 1) values), while ``jax.image.resize``'s bicubic (Keys' a = -0.5)
+  is 0.27 away."""
+  golden = np.load(reference_file('bicubic_resize_13_to_23.npz'))
+  error = lambda got: np.abs(got - golden['output']).max()
+  assert error(transfer.bicubic_resize(golden['input'], 23)) < 3e-6
+  keys = jax.image.resize(golden['input'], (23, 23, 3), 'bicubic')
+  assert error(np.asarray(keys)) > 0.1
+
+
+def test_swin_at_another_window_gets_each_bias_table_resized(tmp_path):
+  """ACmix-Swin weights of window 2 (64 px) fine-tuned at window 4 (128 px):
+  every tensor loads bitwise but the relative-position tables, each
+  resized from 3 x 3 to 7 x 7 per head (the Swin pipeline's rule); another
+  number of heads is still a mismatch named by its keys."""
+  fields = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+
+  def abstract(window, side):
+    model = models.build('acmix_swin_t', num_classes=5, window_size=window,
+                         **fields)
+    return model, jax.eval_shape(functools.partial(
+        train_lib.init_variables, model, (1, side, side, 3), 0))
+
+  _, source = abstract(2, 64)
+  rng = np.random.default_rng(0)
+  source = jax.tree_util.tree_map(
+      lambda x: rng.normal(size=x.shape).astype(x.dtype), source)
+  checkpoint.save_variables(tmp_path / 'w2', source, model='acmix_swin_t',
+                            overrides=dict(fields, num_classes=5,
+                                           window_size=2))
+  config = tiny.get_config()
+  config.update(init_from=str(tmp_path / 'w2'), model_name='acmix_swin_t')
+  model, target = abstract(4, 128)
+  loaded = _flat(transfer.initial_variables(config, model, target))
+  tables = [p for p in loaded if p[-1] == 'relative_position_bias_table']
+  assert len(tables) == 4
+  for path, value in _flat(source).items():
+    if path in tables:
+      assert value.shape == (9, fields['num_heads'][int(path[1][7])])
+      want = transfer.bicubic_resize(value.reshape(3, 3, -1), 7)
+      np.testing.assert_allclose(loaded[path], want.reshape(49, -1),
+                                 rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(loaded[path], value)
+  fields['num_heads'] = (1, 1, 2, 4)
+  model, target = abstract(4, 128)
+  with pytest.raises(transfer.TransferError,
+                     match=r'relative_position_bias_table \(9, 2\) -> '
+                     r'\(49, 4\)'):
+    transfer.initial_variables(config, model, target)

@@ -95,3 +95,15 @@ def eval_batches(config: ml_collections.ConfigDict, source, *,
       local_batch=global_batch // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count(),
       **_parallelism(config))
+
+
+def with_class_count(config: ml_collections.ConfigDict,
+                     workdir: str) -> ml_collections.ConfigDict:
+  """``config``, or when ``data.num_classes`` is 0 a copy with the class
+  count of the dataset's label (its TFDS builder)."""
+  if config.data.num_classes:
+    return config
+  config = config.copy_and_resolve_references()
+  config.data.num_classes = pipeline.class_count(
+      config.data.dataset, data_dir(config, workdir))
+  return config

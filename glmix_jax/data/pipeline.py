@@ -66,13 +66,9 @@ MAX_REAL_LABELS = 10
 MAX_CHUNK = 32
 
 
-def open_split(dataset: str, split: str, data_dir: str | None = None):
-  """Random-access records ``{'image': JPEG bytes, 'label': int, ...}`` of a
-  split (``imagenet2012_real`` names its label ``'original_label'``).
-
-  Raises:
-    DatasetError: naming the dataset and how to prepare it.
-  """
+def _prepared_builder(dataset: str, data_dir: str | None):
+  """The TFDS builder of a prepared dataset, or a DatasetError naming how
+  to prepare it."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
@@ -86,16 +82,44 @@ def open_split(dataset: str, split: str, data_dir: str | None = None):
         'ILSVRC2012_img_val.tar) in a directory DIR and run: python -m '
         f'glmix_jax.data.prepare --dataset={dataset} --manual_dir=DIR '
         f'--data_dir={data_dir or "DATA_DIR"}')
+  return builder
+
+
+def open_split(dataset: str, split: str, data_dir: str | None = None):
+  """Random-access records ``{'image': JPEG bytes, 'label': int, ...}`` of a
+  split (``imagenet2012_real`` names its label ``'original_label'``); every
+  image feature (e.g. a segmentation mask too) is left encoded.
+
+  Raises:
+    DatasetError: naming the dataset and how to prepare it.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = _prepared_builder(dataset, data_dir)
+  encoded = {name: tfds.decode.SkipDecoding()
+             for name, feature in builder.info.features.items()
+             if isinstance(feature, tfds.features.Image)}
   try:
-    return builder.as_data_source(
-        split=split, decoders={'image': tfds.decode.SkipDecoding()})
+    return builder.as_data_source(split=split, decoders=encoded)
   except NotImplementedError as e:  # prepared as TFRecord
     raise DatasetError(
         f'{dataset} in {builder.data_dir} is not in the ArrayRecord format; '
         'prepare it again with python -m glmix_jax.data.prepare into a new '
         '--data_dir.') from e
   except ValueError as e:  # a split that does not exist or parse
-    raise DatasetError(f'Split {split!r} of {dataset}: {e}') from e
+    raise DatasetError(f'Split {split!r} of {dataset} (its splits: '
+                       f'{", ".join(builder.info.splits)}): {e}') from e
+
+
+def class_count(dataset: str, data_dir: str | None) -> int:
+  """The classes of a prepared dataset's label, from its TFDS builder."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features = _prepared_builder(dataset, data_dir).info.features
+  label = next((features[k] for k in ('label', 'original_label')
+                if k in features), None)
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise DatasetError(f'{dataset} has no class label (a ClassLabel feature '
+                       "'label'); set --config.data.num_classes=K.")
+  return label.num_classes
 
 
 def check_batch_size(global_batch: int, process_count: int,

@@ -73,7 +73,8 @@ class ACmixResNet(nn.Module):
   ``width_per_group`` scales the bottleneck widths as in torchvision.
   ``__call__(images, train=False)`` returns logits, or ``(logits, features)``
   with NHWC maps ``'stem'`` (after the max-pool) and ``'stage1'`` ...
-  ``'stage4'`` when ``return_features=True``.
+  ``'stage4'`` and the pooled ``'pre_logits'`` (B, C) that ``fc`` reads
+  when ``return_features=True``.
   """
   # The classifier's parameters (top level): what fine-tuning re-creates.
   CLASSIFIERS: ClassVar[tuple[str, ...]] = ('fc',)
@@ -144,8 +145,9 @@ class ACmixResNet(nn.Module):
             drop_path=float(next(drop_rates)),
             name=f'layer{stage + 1}_{block}', **kw)(x, train=train)
       features[f'stage{stage + 1}'] = x
+    features['pre_logits'] = jnp.mean(x, axis=(1, 2))
     logits = layers.pointwise(self.num_classes, in_features=x.shape[-1],
-                              name='fc', **kw)(jnp.mean(x, axis=(1, 2)))
+                              name='fc', **kw)(features['pre_logits'])
     return (logits, features) if return_features else logits
 
 

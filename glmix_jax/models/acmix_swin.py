@@ -255,7 +255,8 @@ class ACmixSwin(nn.Module):
   path grows linearly over all blocks. ``__call__(images, train=False)``
   returns logits, or ``(logits, features)`` with NHWC maps ``'stem'`` (patch
   embedding) and ``'stage1'`` ... ``'stage4'`` (each stage's last block,
-  before its PatchMerging) when ``return_features=True``.
+  before its PatchMerging) and the pooled ``'pre_logits'`` (B, C) that
+  ``head`` reads when ``return_features=True``.
   """
   # The classifier's parameters (top level): what fine-tuning re-creates.
   CLASSIFIERS: ClassVar[tuple[str, ...]] = ('head',)
@@ -329,8 +330,9 @@ class ACmixSwin(nn.Module):
           name=f'layers_{i}')(x, train=train)
       features[f'stage{i + 1}'] = stage_out
     x = layers.layer_norm(SWIN_LN_EPS, name='norm', **kw)(x)
+    features['pre_logits'] = jnp.mean(x, axis=(1, 2))
     logits = layers.linear(self.num_classes, name='head', **kw)(
-        jnp.mean(x, axis=(1, 2)))
+        features['pre_logits'])
     return (logits, features) if return_features else logits
 
 

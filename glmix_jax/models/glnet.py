@@ -264,7 +264,8 @@ class GLNet(nn.Module):
   ``__call__(images, train=False)`` takes NHWC images of any size the official
   model accepts and returns logits (B, num_classes). With
   ``return_features=True`` it returns ``(logits, features)``, where features
-  holds the NHWC maps ``'stem'`` and ``'stage1'`` ... ``'stage4'``.
+  holds the NHWC maps ``'stem'`` and ``'stage1'`` ... ``'stage4'``, and
+  ``'pre_logits'`` (B, C): the pooled vector ``head`` reads (few-shot probes).
 
   ``token_label_head=True`` gives the token-labeling variants (official
   ``models/glnet_tklb.py::GLNet_tklb``): an auxiliary linear head on every
@@ -363,8 +364,9 @@ class GLNet(nn.Module):
       x = self._stage(i, x, drop_rates[first:first + self.depths[i]], train)
       features[f'stage{i + 1}'] = x
     x = layers.batch_norm(train, name='norm', **kw)(x)
-    head = layers.linear(self.num_classes, name='head', **kw)
-    logits = head(jnp.mean(x, axis=(1, 2)))
+    features['pre_logits'] = jnp.mean(x, axis=(1, 2))
+    logits = layers.linear(self.num_classes, name='head', **kw)(
+        features['pre_logits'])
     if self.token_label_head:
       b, h, w, c = x.shape
       aux = layers.linear(self.num_classes, name='tklb_aux_head', **kw)(
