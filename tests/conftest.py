@@ -26,6 +26,12 @@ CACHE_DIR = os.environ.get('GLMIX_JAX_CACHE', str(ROOT / '.jax_cache'))
 jax.config.update('jax_compilation_cache_dir', CACHE_DIR)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+# Compiling is most of the suite's time, and LLVM's optimisation of the CPU
+# code most of compiling: the tests compile without it (XLA's HLO passes,
+# SPMD partitioning included, still run, so the partitioned programs that
+# test_scale reads are the same: the same collectives, loops and FLOPs).
+# Values differ only in rounding; every comparison is of runs made alike.
+jax.config.update('jax_disable_most_optimizations', True)
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -71,7 +77,7 @@ def subprocess_env(**extra):
              JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-             JAX_NUM_CPU_DEVICES='8')
+             JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_NUM_CPU_DEVICES='8')
   env.update(extra)
   return env
 
