@@ -40,15 +40,20 @@ BIAS_FEATURE = 100.0  # large, so that the ridge barely shrinks the bias
 
 def feature_fn(model, mean: Sequence[float], std: Sequence[float],
                mesh: jax.sharding.Mesh) -> Callable:
-  """The jitted ``(params, batch_stats, batch) -> (pre_logits, label,
-  mask)``, in evaluation mode, replicated on every process."""
+  """The jitted ``(weights, batch_stats, batch) -> ({name: pre_logits},
+  label, mask)`` for a dict of parameter sets (raw, EMA) evaluated on the
+  same decoded batch, in evaluation mode, replicated on every process."""
 
-  def features(params, batch_stats, batch):
+  def features(weights, batch_stats, batch):
     images = on_device.normalize(batch['image'], mean, std)
-    _, maps = model.apply({'params': params, 'batch_stats': batch_stats},
-                          images, train=False, return_features=True)
-    return (maps['pre_logits'].astype(jnp.float32), batch['label'],
-            batch['mask'])
+
+    def pre_logits(params):
+      _, maps = model.apply({'params': params, 'batch_stats': batch_stats},
+                            images, train=False, return_features=True)
+      return maps['pre_logits'].astype(jnp.float32)
+
+    return ({name: pre_logits(params) for name, params in weights.items()},
+            batch['label'], batch['mask'])
 
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(sharding.traced_on(mesh, features), out_shardings=replicated)
@@ -57,8 +62,8 @@ def feature_fn(model, mean: Sequence[float], std: Sequence[float],
 class _Subset:
   """Records ``indices`` of a random-access source, in that order."""
 
-  def __init__(self, source, indices: np.ndarray):
-    self._source, self._indices = source, indices
+  def __init__(self, source, indices: Sequence[int]):
+    self._source, self._indices = source, list(indices)
 
   def __len__(self) -> int:
     return len(self._indices)
@@ -67,21 +72,32 @@ class _Subset:
     return self._source[int(self._indices[i])]
 
 
-def shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
-  """The first ``shots`` records of each class in the seed's permutation of
-  the split (sorted by class, then by that order)."""
-  order = np.random.default_rng(seed).permutation(len(labels))
-  chosen = []
-  for label in np.unique(labels):
-    of_class = order[labels[order] == label]
-    chosen.extend(of_class[:shots])
-  return np.asarray(chosen, np.int64)
+def shots_by_class(label_of: Callable[[int], int], num_records: int,
+                   shots: int, seed: int, num_classes: int | None = None
+                   ) -> dict[int, list[int]]:
+  """For each class, its first ``shots`` records in the seed's permutation
+  of the split (fewer if the split has fewer). Labels are read in that
+  order, and only until each of ``num_classes`` classes (if known) has its
+  shots: a few times shots x classes records, not all of ImageNet's 1.28M.
+  The k-shot set of any k <= shots is the first k of each class."""
+  chosen: dict[int, list[int]] = {}
+  full = 0
+  for index in np.random.default_rng(seed).permutation(num_records):
+    of_class = chosen.setdefault(int(label_of(int(index))), [])
+    if len(of_class) < shots:
+      of_class.append(int(index))
+      full += len(of_class) == shots
+      if full == num_classes:
+        break
+  return dict(sorted(chosen.items()))
 
 
-def split_labels(source) -> np.ndarray:
-  """Every record's label (the images are not decoded)."""
-  return np.asarray([pipeline.read_record(source, i)['label']
-                     for i in range(len(source))], np.int64)
+def label_classes(source) -> int | None:
+  """The classes of a TFDS source's ``label`` feature, if it declares them."""
+  info = getattr(source, 'dataset_info', None)
+  label = (info.features['label']
+           if info is not None and 'label' in info.features else None)
+  return getattr(label, 'num_classes', None)
 
 
 def ridge_accuracy(x_train: np.ndarray, y_train: np.ndarray,
@@ -104,14 +120,18 @@ def ridge_accuracy(x_train: np.ndarray, y_train: np.ndarray,
   return float(np.mean(np.argmax(design(x_test) @ weights, -1) == y_test))
 
 
-def _features(fn: Callable, params, batch_stats, batches, mesh
-              ) -> tuple[np.ndarray, np.ndarray]:
-  xs, ys = [], []
+def _features(fn: Callable, weights: dict[str, Any], batch_stats, batches,
+              mesh) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Every weight set's features of the unpadded examples, and their labels
+  (on several processes the rows come back in another order than the
+  records, so each row keeps its own label)."""
+  xs, ys = {name: [] for name in weights}, []
   for batch in sharding.device_batches(batches, mesh):
-    x, y, mask = jax.device_get(fn(params, batch_stats, batch))
-    xs.append(x[mask])
+    x, y, mask = jax.device_get(fn(weights, batch_stats, batch))
+    for name in weights:
+      xs[name].append(x[name][mask])
     ys.append(y[mask])
-  return np.concatenate(xs), np.concatenate(ys)
+  return {name: np.concatenate(x) for name, x in xs.items()}, np.concatenate(ys)
 
 
 def run(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict,
@@ -119,23 +139,35 @@ def run(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict,
         weights: dict[str, Any], batch_stats, mesh,
         global_batch: int) -> dict[str, float]:
   """``'<weights><name>_<k>shot'`` top-1 scores of the evaluation ``entry``
-  (a ``config.evals`` item of type fewshot) for each set of ``weights``."""
+  (a ``config.evals`` item of type fewshot) for each set of ``weights``.
+  Each image is decoded once for all weight sets, and each shot image once
+  for all k: the features of shots [k_prev, k) of every class are added to
+  those of the smaller sets."""
   fn = feature_fn(model, config.data.mean, config.data.std, mesh)
-  labels = split_labels(train_source)
   batches = functools.partial(data_input.eval_batches, config,
                               global_batch=global_batch)
-  scores = {}
-  for prefix, params in weights.items():
-    x_eval, y_eval = _features(fn, params, batch_stats,
-                               batches(eval_source), mesh)
-    for k in entry.shots:
-      # Each shot set's features come with their labels (on several
-      # processes the rows come back in another order than the records).
-      x_shots, y_shots = _features(
-          fn, params, batch_stats, batches(_Subset(
-              train_source, shot_indices(labels, k, config.seed))), mesh)
+  shots = sorted(entry.shots)
+  by_class = shots_by_class(
+      lambda i: pipeline.read_record(train_source, i)['label'],
+      len(train_source), shots[-1], config.seed, label_classes(train_source))
+  x_eval, y_eval = _features(fn, weights, batch_stats, batches(eval_source),
+                             mesh)
+  # the probed dataset's classes, whatever the classifier's
+  num_classes = int(max(max(by_class), y_eval.max())) + 1
+  x_shots = {prefix: np.zeros((0, x.shape[1]), x.dtype)
+             for prefix, x in x_eval.items()}
+  y_shots = np.zeros((0,), y_eval.dtype)
+  scores, done = {}, 0
+  for k in shots:
+    added = [i for of_class in by_class.values() for i in of_class[done:k]]
+    if added:
+      x_new, y_new = _features(fn, weights, batch_stats,
+                               batches(_Subset(train_source, added)), mesh)
+      x_shots = {p: np.concatenate([x_shots[p], x_new[p]]) for p in x_shots}
+      y_shots = np.concatenate([y_shots, y_new])
+    done = k
+    for prefix in weights:
       scores[f'{prefix}{name}_{k}shot'] = ridge_accuracy(
-          x_shots, y_shots, x_eval, y_eval, l2_reg=entry.l2_reg,
-          # the probed dataset's classes, whatever the classifier's
-          num_classes=int(max(labels.max(), y_eval.max())) + 1)
+          x_shots[prefix], y_shots, x_eval[prefix], y_eval,
+          num_classes=num_classes, l2_reg=entry.l2_reg)
   return scores

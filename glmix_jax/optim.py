@@ -73,8 +73,14 @@ def timm_cosine(peak: float, *, total: int, warmup: int, end: float,
 # Weight-decay masks: True where a parameter is decayed.
 
 
+def path_keys(path) -> tuple[str, ...]:
+  """A ``tree_map_with_path`` path as its keys, e.g. ``('head', 'kernel')``:
+  the flat path that rules on parameter names read."""
+  return tuple(str(getattr(k, 'key', k)) for k in path)
+
+
 def _leaf_name(path) -> str:
-  return str(getattr(path[-1], 'key', path[-1]))
+  return path_keys(path)[-1]
 
 
 def _convnextv2(path, x) -> bool:
@@ -123,8 +129,8 @@ def layer_decay(params: Any, model, decay: float) -> Any:
                      'lr over; set optimizer.layer_decay=1.')
   top = sum(model.depths) + 1
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: decay**(top - model.layer_index(
-          tuple(getattr(k, 'key', str(k)) for k in path))), params)
+      lambda path, _: decay**(top - model.layer_index(path_keys(path))),
+      params)
 
 
 def _scale_updates(scales: Any) -> optax.GradientTransformation:

@@ -158,7 +158,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
       updated = (tx.has_updated(opt_state) if accum_steps > 1
                  else True)
       ema = jax.tree_util.tree_map_with_path(
-          lambda path, e, p: e if trainable and not trainable(_keys(path))
+          lambda path, e, p: e
+          if trainable and not trainable(optim.path_keys(path))
           else jnp.where(updated, ema_decay * e + (1 - ema_decay) * p, e),
           ema, params)
     return state.replace(step=state.step + 1, params=params,
@@ -176,15 +177,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
       accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)))
 
 
-def _keys(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, 'key', k)) for k in path)
-
-
 def _frozen_except(params, trainable: Callable[[tuple[str, ...]], bool]):
   """``params`` with a stopped gradient wherever ``trainable`` says no."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: p if trainable(_keys(path)) else jax.lax.stop_gradient(p),
-      params)
+      lambda path, p: p if trainable(optim.path_keys(path))
+      else jax.lax.stop_gradient(p), params)
 
 
 def _choose(pred: jax.Array, if_true: Callable, if_false: Callable,

@@ -1,5 +1,6 @@
 """Few-shot linear probes (``glmix_jax.fewshot``, ``type='fewshot'`` evals)."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -43,13 +44,30 @@ def test_ridge_accuracy_is_the_ridge_regression(n, d):
 
 def test_shots_are_k_per_class_drawn_from_the_seed():
   labels = np.repeat(np.arange(5), 7)[::-1].copy()
-  chosen = fewshot.shot_indices(labels, 3, seed=0)
-  assert np.bincount(labels[chosen]).tolist() == [3] * 5
-  assert len(set(chosen.tolist())) == 15
-  np.testing.assert_array_equal(chosen, fewshot.shot_indices(labels, 3, 0))
-  assert set(chosen) != set(fewshot.shot_indices(labels, 3, seed=1))
+  read = []
+
+  def label_of(i):
+    read.append(i)
+    return labels[i]
+
+  chosen = fewshot.shots_by_class(label_of, len(labels), 3, seed=0,
+                                  num_classes=5)
+  assert sorted(chosen) == list(range(5))
+  flat = [i for of_class in chosen.values() for i in of_class]
+  assert [len(c) for c in chosen.values()] == [3] * 5
+  assert all(labels[i] == c for c, of_class in chosen.items() for i in of_class)
+  assert len(set(flat)) == 15
+  # The first 3 of each class in the seed's order, reading labels only until
+  # every class has them.
+  order = np.random.default_rng(0).permutation(len(labels)).tolist()
+  assert read == order[:len(read)] and len(read) < len(labels)
+  for c, of_class in chosen.items():
+    assert of_class == [i for i in order if labels[i] == c][:3]
+  assert chosen == fewshot.shots_by_class(labels.__getitem__, 35, 3, 0)
+  assert chosen != fewshot.shots_by_class(labels.__getitem__, 35, 3, seed=1)
   # A class with fewer images than shots gives what it has.
-  assert len(fewshot.shot_indices(labels, 10, seed=0)) == 35
+  assert sum(map(len, fewshot.shots_by_class(labels.__getitem__, 35, 10, 0,
+                                             5).values())) == 35
 
 
 def test_fewshot_evaluation_of_a_checkpoint(tiny_run):
@@ -72,16 +90,18 @@ def test_fewshot_evaluation_of_a_checkpoint(tiny_run):
     xs, ys = [], []
     for batch in sharding.device_batches(data_input.eval_batches(
         config, source, global_batch=16), mesh):
-      x, y, mask = (np.asarray(a) for a in fn(
-          state['params'], state['batch_stats'], batch))
+      x, y, mask = (np.asarray(a) for a in jax.tree.leaves(fn(
+          {'raw': state['params']}, state['batch_stats'], batch)))
       xs.append(x[mask])
       ys.append(y[mask])
     return np.concatenate(xs), np.concatenate(ys)
 
-  labels = fewshot.split_labels(evaluation.train_source)
-  picked = fewshot.shot_indices(labels, 5, config.seed)
+  source = evaluation.train_source
+  picked = fewshot.shots_by_class(lambda i: source[i]['label'], len(source),
+                                  5, config.seed)
   x_eval, y_eval = features(evaluation.source)
-  x, y = features([evaluation.train_source[int(i)] for i in picked])
+  x, y = features([source[i] for of_class in picked.values()
+                   for i in of_class])
   np.testing.assert_array_equal(np.sort(y), np.repeat(np.arange(4), 5))
   assert results['fewshot_5shot'] == fewshot.ridge_accuracy(
       x, y, x_eval, y_eval, num_classes=4, l2_reg=2.0**10)

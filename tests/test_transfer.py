@@ -10,8 +10,10 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
+import hlo
 from conftest import ROOT, reference_file, subprocess_env, train_cmd
-from glmix_jax import checkpoint, models, optim, train_lib, transfer
+from glmix_jax import (checkpoint, models, optim, sharding, train_lib,
+                       transfer)
 from glmix_jax.data import mix
 
 
@@ -269,6 +271,26 @@ def test_a_frozen_backbone_trains_the_head_alone(tiny_run):
     return step.lower(state, batches[0]).cost_analysis()['flops']
 
   assert flops(False) > 2 * flops(True)
+  # On the 8 devices the step moves the head's gradient and a few metrics:
+  # no backbone gradient, no BatchNorm statistics (the backbone runs in
+  # evaluation mode).
+  config.freeze_backbone = True
+  mesh = sharding.make_mesh()
+  schedule, tx = train_lib.recipe_optimizer(config, plan, variables['params'],
+                                            model)
+  step = train_lib.make_train_step(config, model, tx, schedule, mesh=mesh,
+                                   donate=False)
+  split = sharding.batch_sharding(mesh)
+  batch = dict(image=np.zeros((16, 32, 32, 3), np.uint8),
+               label=np.zeros(16, np.int32),
+               **mix.draw(settings, seed=0, step=0, batch=16, height=32,
+                          width=32))
+  moved = hlo.collectives(step.lower(
+      jax.eval_shape(lambda: train_lib.new_state(variables, tx, True)),
+      {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split)
+       for k, v in batch.items()}).compile().as_text())
+  assert {kind for kind, _ in moved} == {'all-reduce'}, moved
+  assert head <= sum(size for _, size in moved) <= head + 64, (moved, head)
 
 
 def test_bicubic_resize_is_torchs():
