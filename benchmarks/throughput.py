@@ -67,7 +67,7 @@ import numpy as np
 import optax
 
 from configs import common
-from glmix_jax import models, train_lib
+from glmix_jax import launch, models, train_lib
 from glmix_jax.models import summary
 
 MODES = ('forward', 'train')
@@ -223,17 +223,21 @@ def prepare_jax(name: str, mode: str, *, batch: int, size: int, dtype: str,
 
 @contextlib.contextmanager
 def official_calls(python: str, official: str, name: str, mode: str, *,
-                   batch: int, size: int, threads: int
+                   batch: int, size: int, threads: int,
+                   tuned_malloc: bool = False
                    ) -> Iterator[tuple[dict, Callable[[], float]]]:
   """The official PyTorch ``name`` in a server process
   (``benchmarks/torch_official.py``): its versions, and a callable that makes
-  one call there and returns the seconds it took."""
+  one call there and returns the seconds it took. It runs with the system's
+  malloc settings, as a user runs it, unless ``tuned_malloc`` (then with
+  ours, ``launch.tune_malloc_for_cpu``)."""
   server = subprocess.Popen(
       [python, str(_TORCH_SCRIPT), f'--official={official}', f'--model={name}',
        f'--mode={mode}', f'--batch={batch}', f'--size={size}',
        f'--threads={threads}'],
       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
+      text=True, env=dict(os.environ) if tuned_malloc
+      else launch.without_malloc_tuning(dict(os.environ)))
 
   def reply() -> str:
     line = server.stdout.readline()
@@ -256,7 +260,8 @@ def official_calls(python: str, official: str, name: str, mode: str, *,
 def benchmark(name: str, mode: str, *, batch: int, size: int, dtype: str,
               repeats: int, overrides: dict, torch_python: str | None = None,
               official: str | None = None,
-              torch_threads: int = os.cpu_count() or 1) -> dict:
+              torch_threads: int = os.cpu_count() or 1,
+              official_tuned_malloc: bool = False) -> dict:
   """One (model, mode) measurement of ours (``jax``) and, given a torch
   interpreter and checkout, of the official code (``torch``), their calls
   alternating; ``speedup`` is the median over rounds of official / ours."""
@@ -268,7 +273,7 @@ def benchmark(name: str, mode: str, *, batch: int, size: int, dtype: str,
     if torch_python and official:
       versions, calls['torch'] = stack.enter_context(official_calls(
           torch_python, official, name, mode, batch=batch, size=size,
-          threads=torch_threads))
+          threads=torch_threads, tuned_malloc=official_tuned_malloc))
       result['torch'] = versions
     if repeats:  # else compile only
       for who, timing in time_calls(calls, repeats).items():
@@ -335,6 +340,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--official', nargs='+', default=[],
                       help='official checkouts: GLMix and/or ACmix')
   parser.add_argument('--torch_threads', type=int, default=os.cpu_count())
+  parser.add_argument('--official_tuned_malloc', action='store_true',
+                      help='the official code with our malloc tunables too '
+                      "(launch.tune_malloc_for_cpu; default: the system's)")
   parser.add_argument('--json', default=None)
   if args_preset(argv) == 'accelerator':
     parser.set_defaults(**ACCELERATOR_PRESET)
@@ -352,14 +360,17 @@ def main(argv=None):
       date=datetime.date.today().isoformat(), jax=jax.__version__,
       device=f'{device.platform}: {device.device_kind}',
       cpu_count=os.cpu_count(), host=platform.processor() or platform.machine(),
-      load_average=os.getloadavg(), batch=args.batch, size=args.size,
+      load_average=os.getloadavg(),
+      glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
+      batch=args.batch, size=args.size,
       dtype=args.dtype, repeats=args.repeats, overrides=overrides,
       matmul_peak_flops=peak, table_peak_flops=table_peak)
   print(f'{header["device"]}, jax {jax.__version__}, batch {args.batch}, '
         f'{args.size}x{args.size}, {args.dtype}, overrides {overrides}; '
         f'measured matmul peak {peak / 1e9:.1f} GFLOP/s; data-sheet peak '
         f'{"-" if table_peak is None else f"{table_peak / 1e12:.0f} TFLOP/s"}'
-        f'; load {header["load_average"][0]:.1f}', flush=True)
+        f'; load {header["load_average"][0]:.1f}; GLIBC_TUNABLES '
+        f'{header["glibc_tunables"] or "-"}', flush=True)
   print('| model | mode | img/s | s/batch (min-max) | compile s (CPU s) '
         '| peak MiB | MFU (measured peak) | MFU (data sheet) '
         '| official img/s | speed-up |\n'
@@ -372,7 +383,8 @@ def main(argv=None):
           repeats=args.repeats, overrides=overrides,
           torch_python=args.torch_python,
           official=_official_checkout(args.official, name),
-          torch_threads=args.torch_threads)
+          torch_threads=args.torch_threads,
+          official_tuned_malloc=args.official_tuned_malloc)
       results[f'{name}/{mode}'] = r
       print(format_row(name, mode, r, peak, table_peak), flush=True)
   if args.json:
@@ -397,4 +409,5 @@ def _official_checkout(checkouts: list[str], name: str) -> str | None:
 
 
 if __name__ == '__main__':
+  launch.tune_malloc_for_cpu()  # as train.py runs
   sys.exit(main())

@@ -17,6 +17,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from glmix_jax import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / 'tests' / 'data'
 # The official-code fixtures; the two largest are read from here, not copied.
@@ -77,7 +79,10 @@ def subprocess_env(**extra):
              JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_NUM_CPU_DEVICES='8')
+             JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_NUM_CPU_DEVICES='8',
+             # what train.py's start-up would restart itself with (on CPU,
+             # launch.tune_malloc_for_cpu), set here to spare the restart
+             GLIBC_TUNABLES=':'.join(launch.MALLOC_TUNABLES))
   env.update(extra)
   return env
 
