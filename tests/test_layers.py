@@ -60,13 +60,22 @@ def test_gelu_is_exact_gelu_with_its_derivative(dtype):
   x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001),
                        3.0 * jax.random.normal(jax.random.PRNGKey(0), (999,))]
                       ).astype(dtype)
-  np.testing.assert_array_equal(kernels.gelu(x), nn.gelu(x, approximate=False))
+  out = kernels.gelu(x)
+  assert out.dtype == dtype
+  # x Phi(x) in float64, Phi written with erfc so the left tail keeps its
+  # relative accuracy. 1 + erf in float32 keeps only absolute accuracy there:
+  # torch's own GELU is within 3.3e-7 |x| of this (measured on 2 M points)
+  xf = np.asarray(x, np.float64)
+  exact = xf * 0.5 * np.vectorize(math.erfc)(-xf / np.sqrt(2))
+  rounding = 2.0**-23 if dtype == jnp.float32 else 2.0**-8  # half an ulp
+  np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - exact),
+                               2.5e-7 * np.abs(xf) + rounding * np.abs(exact)
+                               + 1e-30)
 
   cotangent = jax.random.normal(jax.random.PRNGKey(1), x.shape).astype(dtype)
   ours = jax.vjp(kernels.gelu, x)[1](cotangent)[0]
   assert ours.dtype == dtype
   # Phi'(x) = Phi(x) + x phi(x), in float64 as the reference
-  xf = np.asarray(x, np.float64)
   derivative = (0.5 * np.vectorize(math.erfc)(-xf / np.sqrt(2))
                 + xf * np.exp(-0.5 * xf * xf) / np.sqrt(2 * np.pi))
   want = derivative * np.asarray(cotangent, np.float64)
