@@ -47,6 +47,7 @@ KERNEL_GRAD_BLOCK = 512
 # of 2 images).
 LOOPS = {'glnet_stl': {5, 32}, 'glnet_4g': {5, 8, 16, 32},
          'acmix_resnet50': {5, 8, 49}, 'acmix_swin_t': {5}}
+OPTIMIZER = optax.adamw(1e-3, weight_decay=0.05)
 
 
 def step_and_inputs(name, size, overrides, *, mesh, dtype='float32'):
@@ -59,7 +60,7 @@ def step_and_inputs(name, size, overrides, *, mesh, dtype='float32'):
       augmentation=augmentation, data=dict(num_classes=10, mean=common.IMAGENET_MEAN,
                 std=common.IMAGENET_STD), seed=0,
       ema_decay=0.9999))
-  tx = optax.adamw(1e-3, weight_decay=0.05)
+  tx = OPTIMIZER
   state = jax.eval_shape(lambda: train_lib.init_state(
       model, tx, (1, size, size, 3), 0, True))
   settings = mix.MixSettings.from_config(augmentation)
@@ -81,6 +82,22 @@ def step_and_inputs(name, size, overrides, *, mesh, dtype='float32'):
 def forward(model, mesh):
   apply = lambda v, x: model.apply(v, x, train=False)
   return jax.jit(apply if mesh is None else sharding.traced_on(mesh, apply))
+
+
+def update_flops(state) -> float:
+  """XLA's FLOPs of the step's per-parameter work, which data parallelism
+  repeats on every device (FSDP would split it): the gradient and parameter
+  norms, the AdamW update and the EMA: about 10 % of a device's step in the
+  tiny GLNet-4G here, under 0.1 % at 224 px and 128 images per device."""
+  def update(state, grads):
+    updates, opt_state = OPTIMIZER.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: 0.9999 * e + 0.0001 * p,
+                       state.ema_params, params)
+    return (optax.tree.norm(grads), optax.tree.norm(params), params,
+            opt_state, ema)
+  return jax.jit(update).trace(state, state.params).lower().cost_analysis(
+      )['flops']
 
 
 def size_of(tree) -> int:
@@ -118,6 +135,7 @@ def _programs(request):
         elif on is None:  # XLA's count for the unpartitioned program
           result[kind, 'one device flops'] = program.lower().cost_analysis(
               )['flops']
+          result['update flops'] = update_flops(state)
         else:
           compiled = program.lower().compile()
           result[kind] = compiled.as_text()
@@ -164,9 +182,13 @@ def test_forward_moves_nothing(programs):
 
 @pytest.mark.parametrize('kind', ['train', 'forward'])
 def test_each_device_does_an_eighth_of_the_work(programs, kind):
+  """An eighth of the model's work; the train step's per-parameter update
+  is the same on every device (``update_flops``)."""
   per_device = programs[kind, 'flops']
   whole = programs[kind, 'one device flops']
-  assert 8 * per_device == pytest.approx(whole, rel=0.1), (per_device, whole)
+  repeated = programs['update flops'] if kind == 'train' else 0.0
+  assert 8 * per_device - 7 * repeated == pytest.approx(whole, rel=0.1), (
+      per_device, repeated, whole)
 
 
 def test_loops_run_over_each_devices_examples(programs):
