@@ -11,12 +11,14 @@ device JAX runs on (CPU, GPU, TPU):
 Each is compiled ahead of time (``jit(...).lower(...).compile()``; wall-clock
 and process CPU seconds), run once to warm up, then timed ``--repeats``
 times; images/s uses the median. Peak memory is the device's
-``peak_bytes_in_use`` where the backend reports it (GPU, TPU), else XLA's
-memory analysis of the compiled program (arguments + outputs + temporaries -
-donated aliases; CPU). MFU is model FLOPs / time / the device's measured
-peak, where model FLOPs are 2 x the exact MACs of ``summary.count_macs`` (x 3
-for a training step: forward + two backward products) and the peak is the
-best of a few large square matmuls in the same dtype on the same device.
+``peak_bytes_in_use`` where the backend reports it (GPU, TPU: the process's
+peak so far, so the rows after the first of a process are at least the
+earlier ones'), else XLA's memory analysis of the compiled program
+(arguments + outputs + temporaries - donated aliases; CPU). MFU is model
+FLOPs / time / the device's measured peak, where model FLOPs are 2 x the
+exact MACs of ``summary.count_macs`` (x 3 for a training step: forward + two
+backward products) and the peak is the best of a few large square matmuls
+in the same dtype on the same device.
 
 With ``--torch_python`` and ``--official`` the official PyTorch model runs in
 the same job (``benchmarks/torch_official.py``, a separate process,
@@ -28,11 +30,15 @@ machine whose load drifts, timing one after the other moved the ratio by
 +-10 %.
 
 On a GPU or TPU, the accelerator measurement (bfloat16, batch 128 per
-device, glnet_stl, glnet_4g, acmix_resnet50, acmix_swin_t; sized for 10 minutes
-on one GPU, not yet run on one) is one command::
+device, glnet_stl, glnet_4g, acmix_resnet50, acmix_swin_t) is one command::
 
   PYTHONPATH=. python benchmarks/throughput.py --preset accelerator \
       --json accelerator.json
+
+On one H200 (BENCHMARKS.md, 2026-12-04) each forward compiled in about 25 s
+and GLNet-STL's train step had not compiled after ~110 s: the preset takes
+longer than 10 minutes there. ``benchmarks/accelerator.sh`` runs it model by
+model within a time budget, with ``benchmarks/kernel_forms.py``.
 
 On the CPU, against the official code::
 
@@ -132,8 +138,9 @@ def paired_ratio(slow: dict, fast: dict) -> float:
 
 
 def matmul_peak_flops(dtype: jnp.dtype, size: int, repeats: int) -> float:
-  """Best FLOP/s of a (size x size) @ (size x size) matmul in ``dtype``."""
-  a = jnp.ones((size, size), dtype)
+  """Best FLOP/s of a (size x size) @ (size x size) matmul in ``dtype``, on
+  random data (a GPU multiplies constant data faster)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   timing = time_calls(
       dict(matmul=timed(lambda: matmul(a, a).block_until_ready())), repeats)
@@ -223,18 +230,20 @@ def prepare_jax(name: str, mode: str, *, batch: int, size: int, dtype: str,
 
 @contextlib.contextmanager
 def official_calls(python: str, official: str, name: str, mode: str, *,
-                   batch: int, size: int, threads: int,
+                   batch: int, size: int, threads: int, dtype: str,
                    tuned_malloc: bool = False
                    ) -> Iterator[tuple[dict, Callable[[], float]]]:
   """The official PyTorch ``name`` in a server process
-  (``benchmarks/torch_official.py``): its versions, and a callable that makes
-  one call there and returns the seconds it took. It runs with the system's
-  malloc settings, as a user runs it, unless ``tuned_malloc`` (then with
-  ours, ``launch.tune_malloc_for_cpu``)."""
+  (``benchmarks/torch_official.py``), on the GPU when JAX runs on one, in
+  ``dtype`` (bfloat16: under autocast): its versions, and a callable that
+  makes one call there and returns the seconds it took. It runs with the
+  system's malloc settings, as a user runs it, unless ``tuned_malloc`` (then
+  with ours, ``launch.tune_malloc_for_cpu``)."""
+  device = 'cuda' if jax.devices()[0].platform == 'gpu' else 'cpu'
   server = subprocess.Popen(
       [python, str(_TORCH_SCRIPT), f'--official={official}', f'--model={name}',
        f'--mode={mode}', f'--batch={batch}', f'--size={size}',
-       f'--threads={threads}'],
+       f'--threads={threads}', f'--device={device}', f'--dtype={dtype}'],
       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, env=dict(os.environ) if tuned_malloc
       else launch.without_malloc_tuning(dict(os.environ)))
@@ -273,7 +282,8 @@ def benchmark(name: str, mode: str, *, batch: int, size: int, dtype: str,
     if torch_python and official:
       versions, calls['torch'] = stack.enter_context(official_calls(
           torch_python, official, name, mode, batch=batch, size=size,
-          threads=torch_threads, tuned_malloc=official_tuned_malloc))
+          threads=torch_threads, dtype=dtype,
+          tuned_malloc=official_tuned_malloc))
       result['torch'] = versions
     if repeats:  # else compile only
       for who, timing in time_calls(calls, repeats).items():
@@ -387,10 +397,10 @@ def main(argv=None):
           official_tuned_malloc=args.official_tuned_malloc)
       results[f'{name}/{mode}'] = r
       print(format_row(name, mode, r, peak, table_peak), flush=True)
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(
-        dict(header, load_average_end=os.getloadavg(), results=results),
-        indent=1))
+      if args.json:  # after every row: a run stopped early keeps its rows
+        pathlib.Path(args.json).write_text(json.dumps(
+            dict(header, load_average_end=os.getloadavg(), results=results),
+            indent=1))
 
 
 def args_preset(argv) -> str | None:
@@ -409,5 +419,9 @@ def _official_checkout(checkouts: list[str], name: str) -> str | None:
 
 
 if __name__ == '__main__':
+  # The official code shares a GPU with us: JAX must not take 75 % of its
+  # memory up front (set before tune_malloc_for_cpu starts JAX's backend).
+  if parse_args().torch_python:
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   launch.tune_malloc_for_cpu()  # as train.py runs
   sys.exit(main())

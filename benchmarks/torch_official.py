@@ -11,6 +11,12 @@ Protocol, one line each: after building the model and one warm-up call it
 prints a JSON line (torch version, threads); then for every line read from
 stdin it makes one call and prints its seconds; it exits at end of input.
 
+On a GPU (``--device=cuda``) a call's seconds end at ``torch.cuda.
+synchronize()``, and ``--dtype=bfloat16`` runs it under ``torch.autocast``
+(bfloat16 products and convolutions, float32 weights and reductions: the
+official training scripts' mixed precision, which is float16 there: apex amp
+in ACmix's Swin, a GradScaler in GLMix's token-labeling script).
+
   python benchmarks/torch_official.py --official=/tmp/GLMix --model=glnet_stl \
       --mode=train --batch=8 --size=224 <<< $'\n\n\n'
 """
@@ -103,26 +109,36 @@ def build(root: str, name: str) -> torch.nn.Module:
   raise ValueError(f'No official builder for {name!r}.')
 
 
-def step_function(model: torch.nn.Module, mode: str, images: torch.Tensor):
-  """A no-argument callable: one eval forward, or one AdamW training step
-  (forward, cross-entropy, backward, update)."""
+def step_function(model: torch.nn.Module, mode: str, images: torch.Tensor,
+                  dtype: str = 'float32'):
+  """A no-argument callable that returns when its work is done: one eval
+  forward, or one AdamW training step (forward, cross-entropy, backward,
+  update), under bfloat16 autocast if ``dtype`` says so."""
+  device = images.device.type
+  autocast = lambda: torch.autocast(device, dtype=torch.bfloat16,
+                                    enabled=dtype == 'bfloat16')
+  done = torch.cuda.synchronize if device == 'cuda' else lambda: None
   if mode == 'forward':
     model.eval()
 
     def forward():
-      with torch.no_grad():
+      with torch.no_grad(), autocast():
         model(images)
+      done()
 
     return forward
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3,
                                 weight_decay=0.05)
-  labels = torch.randint(0, 1000, (images.shape[0],))
+  labels = torch.randint(0, 1000, (images.shape[0],), device=images.device)
 
   def train_step():
     optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(images), labels).backward()
+    with autocast():
+      loss = F.cross_entropy(model(images), labels)
+    loss.backward()
     optimizer.step()
+    done()
 
   return train_step
 
@@ -135,16 +151,24 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--threads', type=int, default=os.cpu_count())
+  parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
+                      default='float32')
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   with contextlib.redirect_stdout(sys.stderr):  # stdout is the protocol's
-    model = build(args.official, args.model)
-  images = torch.randn(args.batch, 3, args.size, args.size)
-  call = step_function(model, args.mode, images)
+    model = build(args.official, args.model).to(args.device)
+  images = torch.randn(args.batch, 3, args.size, args.size,
+                       device=args.device)
+  call = step_function(model, args.mode, images, args.dtype)
   call()  # warm-up
-  print(json.dumps(dict(torch=torch.__version__,
-                        threads=torch.get_num_threads())), flush=True)
+  cuda = args.device == 'cuda'
+  print(json.dumps(dict(
+      torch=torch.__version__, threads=torch.get_num_threads(),
+      device=torch.cuda.get_device_name() if cuda else 'cpu',
+      peak_bytes=torch.cuda.max_memory_allocated() if cuda else None)),
+        flush=True)
   for _ in sys.stdin:
     start = time.perf_counter()
     call()

@@ -10,7 +10,6 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
-from clu import metric_writers
 from etils import epath
 
 from glmix_jax import errors
@@ -26,6 +25,10 @@ class MetricWriter(errors.ClosedOnExit):
     self._workdir = epath.Path(workdir)
     self._on_write = on_write
     self._lead = jax.process_index() == 0
+    # clu's TensorBoard writer imports TensorFlow: only a run that writes
+    # metrics loads it, so the models and the train step import without it
+    # (an accelerator image with JAX but no TensorFlow).
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self._tb = metric_writers.create_default_writer(
         str(self._workdir), just_logging=not self._lead, asynchronous=False)
 

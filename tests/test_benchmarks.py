@@ -2,13 +2,17 @@
 measured by hand and recorded in BENCHMARKS.md; here only that they run and
 report what they claim)."""
 
+import collections
 import contextlib
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from benchmarks import throughput
-from glmix_jax.models import summary
+from benchmarks import kernel_forms, throughput
+from glmix_jax import models
+from glmix_jax.models import kernels, summary
 
 
 def test_throughput_reports_a_train_step(tmp_path, capsys):
@@ -126,3 +130,32 @@ def test_data_sheet_peak_is_found_by_device_kind():
   assert throughput.table_peak_flops(device('TPU v5 lite')) == 197e12
   assert throughput.table_peak_flops(device('TPU v5p')) == 459e12
   assert throughput.table_peak_flops(device('cpu')) is None
+
+
+def test_kernel_forms_counts_a_models_kernel_calls_and_times_each_form():
+  """The A/B table's call counts are the model's: one depthwise_conv call per
+  depthwise kernel in its parameters ((k, k, 1, C)), one GELU per MLP and two
+  LayerNorms per block; the kernels are themselves again afterwards; every
+  form of a recorded call is timed, forward and forward + backward."""
+  model = models.build('glnet_stl')
+  shape = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), shape)['params']
+  depthwise = sum(x.ndim == 4 and x.shape[2] == 1
+                  for x in jax.tree.leaves(params))
+  on_platform, gelu = kernels._on_platform, kernels.gelu  # pylint: disable=protected-access
+
+  calls = kernel_forms.model_calls('glnet_stl', 1, 64, 'float32')
+  per_kernel = collections.Counter()
+  for (kernel, _, _), n in calls.items():
+    per_kernel[kernel] += n
+  assert per_kernel == {'depthwise_conv': depthwise,
+                        'gelu': sum(model.depths),
+                        'layer_norm': 2 * sum(model.depths)}
+  assert kernels._on_platform is on_platform and kernels.gelu is gelu  # pylint: disable=protected-access
+
+  kernel, args, static = next(k for k in calls if k[0] == 'depthwise_conv')
+  times = kernel_forms.time_forms(kernel, args, static, repeats=1,
+                                  budget_s=0.1)
+  assert set(times) == {'cpu', 'default'}
+  assert all(t['forward'] > 0 and t['forward_backward'] > 0
+             for t in times.values())
