@@ -5,6 +5,9 @@ report what they claim)."""
 import collections
 import contextlib
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -159,3 +162,16 @@ def test_kernel_forms_counts_a_models_kernel_calls_and_times_each_form():
   assert set(times) == {'cpu', 'default'}
   assert all(t['forward'] > 0 and t['forward_backward'] > 0
              for t in times.values())
+
+
+def test_the_benchmarks_and_train_step_import_without_tensorflow():
+  """An accelerator image may have JAX but no TensorFlow: the models, the
+  train step and the benchmark scripts load without it (only a run that
+  writes TensorBoard metrics imports it, through clu)."""
+  code = ('import sys; import benchmarks.throughput, benchmarks.kernel_forms, '
+          'glmix_jax.train_lib; '
+          'print(sorted(m for m in sys.modules if m.startswith("tensorflow")))')
+  out = subprocess.run([sys.executable, '-c', code], check=True,
+                       capture_output=True, text=True,
+                       cwd=pathlib.Path(__file__).parents[1]).stdout
+  assert out.split('\n')[-2] == '[]', out
