@@ -32,7 +32,7 @@ ACMIX_MACS = {'acmix_resnet50': 3.502, 'acmix_swin_t': 4.645}
 @pytest.mark.parametrize('name', sorted(ACMIX_MACS))
 def test_acmix_macs_within_one_percent_of_official(name):
   # The standard forms are counted: dep_conv as the grouped conv it is (not
-  # the CPU's block-diagonal dense one), the window attention's products.
+  # the CPU's shifted multiply-adds), the window attention's products.
   macs = summary.summarize(name)['macs']
   assert abs(macs['total'] / 1e9 - ACMIX_MACS[name]) < 0.01 * ACMIX_MACS[name]
 

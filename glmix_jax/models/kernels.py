@@ -13,8 +13,8 @@ says *how*, for the few operations where the how matters:
 **Per platform.** The first four have the standard XLA form, which GPU and
 TPU compile well (grouped ``conv_general_dilated``, ``dot_general``, window
 attention as 49 unrolled shifted products with no loop), and a form tuned on
-XLA:CPU (BENCHMARKS.md: fused shifted sums with a written backward, a dense
-block-diagonal conv, loops over cache-sized tiles). ``jax.lax.
+XLA:CPU (BENCHMARKS.md: fused shifted multiply-adds with written backward
+passes, a dense block-diagonal conv, loops over cache-sized tiles). ``jax.lax.
 platform_dependent`` picks one when the program is lowered, so a program
 lowered for ``cuda`` or ``tpu``, even from a CPU host, holds only the
 standard form, and ``summary.count_macs`` counts the standard form: the
@@ -233,19 +233,28 @@ def _head_map_fc_xla(parts, kernel):
              for i, p in enumerate(parts))
 
 
+@jax.custom_vjp
 def _head_map_fc_cpu(parts, kernel):
-  # A 3N x 9 contraction is far too small for a matmul on XLA:CPU: one fused
-  # element-wise pass over the 3N terms, and no stacked 3N copy is built.
+  """A 3N x 9 contraction is far too small for a matmul on XLA:CPU: one
+  fused element-wise pass over the 3N terms, and no stacked 3N copy is
+  built. Its backward is the einsum form's: autodiff of the element-wise
+  pass made 3N full-size partial products, 3x the einsum backward's time at
+  ACmix's shapes (BENCHMARKS.md, 2026-12-04)."""
   heads = parts[0].shape[-2]
   with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
     return sum(p[..., n, :, None] * kernel[i * heads + n]
                for i, p in enumerate(parts) for n in range(heads))
 
 
-# Up to this many groups, the CPU ``dep_conv`` is a dense conv with a
-# block-diagonal kernel: d times the MACs, but on XLA:CPU's fast dense conv it
-# beats the grouped conv 2-7x (measured at d = 16 and 32, 14-56 px maps).
-DENSE_DEP_CONV_MAX_GROUPS = 32
+def _head_map_fc_cpu_fwd(parts, kernel):
+  return _head_map_fc_cpu(parts, kernel), (parts, kernel)
+
+
+def _head_map_fc_cpu_bwd(residuals, g):
+  return jax.vjp(_head_map_fc_xla, *residuals)[1](g)
+
+
+_head_map_fc_cpu.defvjp(_head_map_fc_cpu_fwd, _head_map_fc_cpu_bwd)
 
 
 def grouped_shift_conv(f: jax.Array, kernel: jax.Array, stride: int
@@ -270,16 +279,101 @@ def _grouped_shift_conv_xla(f, kernel, *, stride):
   return _conv3x3(f.reshape(b, h, w, groups * taps), kernel, stride, groups)
 
 
-def _grouped_shift_conv_cpu(f, kernel, *, stride):
+# Up to this many groups, the CPU ``dep_conv`` is a dense conv with a
+# block-diagonal kernel: d times the MACs, but on XLA:CPU's fast dense conv it
+# beats the grouped conv 2-7x (measured at d = 16 and 32, 14-56 px maps).
+# Beyond, it is 81 shifted multiply-adds (``_grouped_shift_conv_taps``).
+DENSE_DEP_CONV_MAX_GROUPS = 32
+
+
+def _grouped_shift_conv_dense(f, kernel, stride):
   b, h, w, groups, taps = f.shape
-  if groups > DENSE_DEP_CONV_MAX_GROUPS:
-    return _grouped_shift_conv_xla(f, kernel, stride=stride)
   features = kernel.shape[-1]
   per_group = kernel.reshape(3, 3, taps, groups, features // groups)
   dense = jnp.einsum('pqtcj,ce->pqctej', per_group,
                      jnp.eye(groups, dtype=kernel.dtype))
   return _conv3x3(f.reshape(b, h, w, groups * taps),
                   dense.reshape(3, 3, groups * taps, features), stride, 1)
+
+
+def _tap_window(padded: jax.Array, p: int, q: int, out_hw: tuple[int, int],
+                stride: int) -> jax.Array:
+  """The inputs that tap (p, q) of a padding-1, ``stride`` 3x3 conv reads for
+  each of its ``out_hw`` outputs: padded[:, s y + p, s x + q]."""
+  ho, wo = out_hw
+  return padded[:, p:p + stride * (ho - 1) + 1:stride,
+                q:q + stride * (wo - 1) + 1:stride]
+
+
+def _grouped_shift_conv_taps(f, kernel, stride):
+  """out[..., c * J + j] = sum_{p, q, t} f_pad[s y + p, s x + q, c, t]
+  * W[p, q, t, c * J + j]: the conv as 81 element-wise multiply-adds of
+  shifted maps in one fused pass, summed in float32 at least. XLA:CPU's
+  grouped conv took 3-8x longer at ACmix-ResNet's 64 and 128 groups."""
+  b, h, w, groups, taps = f.shape
+  features = kernel.shape[-1]
+  out_hw = ((h - 1) // stride + 1, (w - 1) // stride + 1)
+  # The barriers make f and the output once each: fused into the 81 reads,
+  # an element-wise producer would be recomputed for each.
+  padded = jnp.pad(jax.lax.optimization_barrier(f),
+                   ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  per_group = kernel.reshape(3, 3, taps, groups, features // groups)
+  acc = jnp.promote_types(f.dtype, jnp.float32)
+  out = jnp.zeros((b, *out_hw, groups, features // groups), acc)
+  with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
+    for p in range(3):
+      for q in range(3):
+        window = _tap_window(padded, p, q, out_hw, stride)
+        for t in range(taps):
+          out = out + (window[..., t, None] * per_group[p, q, t]).astype(acc)
+  return jax.lax.optimization_barrier(
+      out.reshape(b, *out_hw, features).astype(f.dtype))
+
+
+def _grouped_shift_conv_cpu_forward(f, kernel, stride):
+  if f.shape[3] <= DENSE_DEP_CONV_MAX_GROUPS:
+    return _grouped_shift_conv_dense(f, kernel, stride)
+  return _grouped_shift_conv_taps(f, kernel, stride)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _grouped_shift_conv_cpu(f, kernel, stride):
+  """The CPU ``dep_conv`` (``_grouped_shift_conv_cpu_forward``) with a
+  written kernel gradient: autodiff's kernel gradient of a grouped conv is a
+  conv with ``batch_group_count``, which XLA:CPU runs as plain loops (8.8 s
+  for one ACmix-ResNet stage-3 call at batch 8); here it is 9 batched
+  products, one per tap (BENCHMARKS.md, 2026-12-04)."""
+  return _grouped_shift_conv_cpu_forward(f, kernel, stride)
+
+
+def _grouped_shift_conv_cpu_fwd(f, kernel, stride):
+  return _grouped_shift_conv_cpu_forward(f, kernel, stride), (f, kernel)
+
+
+def _grouped_shift_conv_cpu_bwd(stride, residuals, g):
+  f, kernel = residuals
+  # The input gradient is a conv's transpose, which XLA:CPU runs well: the
+  # dense conv's, or the grouped conv's (not the 81 shifted products': 81
+  # padded adds).
+  dense = f.shape[3] <= DENSE_DEP_CONV_MAX_GROUPS
+  df = jax.vjp(lambda x: _grouped_shift_conv_dense(x, kernel, stride) if dense
+               else _grouped_shift_conv_xla(x, kernel, stride=stride),
+               f)[1](g)[0]
+  b, ho, wo, features = g.shape
+  groups, taps = f.shape[3:]
+  padded = jnp.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  g_groups = g.reshape(b, ho, wo, groups, features // groups)
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  dk = jnp.stack([
+      jnp.einsum('bhwct,bhwcj->tcj',
+                 _tap_window(padded, p, q, (ho, wo), stride), g_groups,
+                 preferred_element_type=acc).reshape(taps, features)
+      for p in range(3) for q in range(3)])
+  return df, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_grouped_shift_conv_cpu.defvjp(_grouped_shift_conv_cpu_fwd,
+                               _grouped_shift_conv_cpu_bwd)
 
 
 # ---------------------------------------------------------------------------
