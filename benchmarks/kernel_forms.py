@@ -15,8 +15,10 @@ measures each choice on the device JAX runs on:
 3. per model and kernel, the seconds of all its calls in each form (each
    distinct call's time x how often the model makes it).
 
-A form that loses on a platform where it is chosen is a wrong choice; the
-table in BENCHMARKS.md is this script's output on the CPU and on a GPU.
+A form that loses on a platform where it is chosen is a wrong choice
+(BENCHMARKS.md has this script's CPU table; on a GPU it has not run yet).
+A kernel timed alone is not the kernel inside a model, where XLA fuses it
+with its neighbours: confirm a change with the model's own timing.
 
   PYTHONPATH=. python benchmarks/kernel_forms.py --batch 128 \
       --dtype bfloat16 --json kernel_forms.json

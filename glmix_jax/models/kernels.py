@@ -133,8 +133,9 @@ def _shifted_sum(padded: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _pad_same(x: jax.Array, k: int) -> jax.Array:
+  """``x`` (B, H, W, ...) zero-padded by k // 2 on H and W."""
   pad = k // 2
-  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad)) + ((0, 0),) * (x.ndim - 3))
 
 
 @jax.custom_vjp
@@ -313,10 +314,7 @@ def _grouped_shift_conv_taps(f, kernel, stride):
   b, h, w, groups, taps = f.shape
   features = kernel.shape[-1]
   out_hw = ((h - 1) // stride + 1, (w - 1) // stride + 1)
-  # The barriers make f and the output once each: fused into the 81 reads,
-  # an element-wise producer would be recomputed for each.
-  padded = jnp.pad(jax.lax.optimization_barrier(f),
-                   ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  padded = _pad_same(f, 3)
   per_group = kernel.reshape(3, 3, taps, groups, features // groups)
   acc = jnp.promote_types(f.dtype, jnp.float32)
   out = jnp.zeros((b, *out_hw, groups, features // groups), acc)
@@ -326,8 +324,7 @@ def _grouped_shift_conv_taps(f, kernel, stride):
         window = _tap_window(padded, p, q, out_hw, stride)
         for t in range(taps):
           out = out + (window[..., t, None] * per_group[p, q, t]).astype(acc)
-  return jax.lax.optimization_barrier(
-      out.reshape(b, *out_hw, features).astype(f.dtype))
+  return out.reshape(b, *out_hw, features).astype(f.dtype)
 
 
 def _grouped_shift_conv_cpu_forward(f, kernel, stride):
@@ -361,7 +358,7 @@ def _grouped_shift_conv_cpu_bwd(stride, residuals, g):
                f)[1](g)[0]
   b, ho, wo, features = g.shape
   groups, taps = f.shape[3:]
-  padded = jnp.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  padded = _pad_same(f, 3)
   g_groups = g.reshape(b, ho, wo, groups, features // groups)
   acc = jnp.promote_types(g.dtype, jnp.float32)
   dk = jnp.stack([
