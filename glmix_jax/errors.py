@@ -8,6 +8,7 @@ floor so that every layer can raise them without importing another.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -41,6 +42,24 @@ def reason(error: BaseException, limit: int = 300) -> str:
   if len(text) > limit:
     text = f'{text[:limit // 2]} ... {text[-limit // 2:]}'
   return f'{type(error).__name__}: {text}'
+
+
+# Below this many free bytes a failed write is put down to a full disk.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def full_disk_note(path: Any) -> str:
+  """' No space left on device (N bytes free).' when the file system holding
+  ``path`` is (nearly) full, else ''. Some writers (TensorFlow's event file)
+  lose the errno of a full disk and report only that they could not flush."""
+  try:
+    stat = os.statvfs(path)
+  except OSError:
+    return ''
+  free = stat.f_bavail * stat.f_frsize
+  if free >= NEARLY_FULL_BYTES:
+    return ''
+  return f' No space left on device ({free} bytes free).'
 
 
 class ClosedOnExit:

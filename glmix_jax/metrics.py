@@ -43,7 +43,8 @@ class MetricWriter(errors.ClosedOnExit):
           f.write(json.dumps({'step': step, **scalars}) + '\n')
     except Exception as e:  # TensorFlow's ResourceExhaustedError, OSError
       raise OSError(f'Cannot write the metrics of step {step} in '
-                    f'{self._workdir} ({errors.reason(e)}). Free space or fix '
+                    f'{self._workdir} ({errors.reason(e)}).'
+                    f'{errors.full_disk_note(self._workdir)} Free space or fix '
                     'the path, then run the same command to resume.') from e
     if self._on_write is not None:
       self._on_write(step, scalars)
@@ -58,7 +59,8 @@ class MetricWriter(errors.ClosedOnExit):
       self._tb.close()
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise OSError(f'Cannot close the metrics files in {self._workdir} '
-                    f'({errors.reason(e)}).') from e
+                    f'({errors.reason(e)}).'
+                    f'{errors.full_disk_note(self._workdir)}') from e
 
 
 # A run whose steps wait for input longer than this share of the time is

@@ -304,6 +304,34 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_run,
   assert_bitwise_equal_runs(after, tiny_run)
 
 
+@pytest.mark.parametrize('free_bytes, says_full', [(4096, True),
+                                                    (1 << 30, False)])
+def test_a_failed_metrics_write_says_when_the_disk_is_full(
+    tmp_path, monkeypatch, free_bytes, says_full):
+  # TensorFlow's event writer reports a full disk only as a failed flush
+  # (ResourceExhaustedError), without the errno: the message must still say
+  # that the disk is full, and must not say so when it is not.
+  from glmix_jax import metrics  # pylint: disable=g-import-not-at-top
+  writer = metrics.MetricWriter(tmp_path)
+  real_statvfs = os.statvfs
+
+  def statvfs(path):
+    stat = real_statvfs(path)
+    return os.statvfs_result((*stat[:4], free_bytes // stat.f_frsize,
+                              *stat[5:]))
+
+  def flush_fails(step, scalars):
+    raise RuntimeError('Could not flush events file.')
+
+  monkeypatch.setattr(os, 'statvfs', statvfs)
+  monkeypatch.setattr(writer._tb, 'write_scalars', flush_fails)  # pylint: disable=protected-access
+  with pytest.raises(OSError) as raised:
+    writer.write(11, {'loss': 1.0})
+  message = str(raised.value)
+  assert 'metrics of step 11' in message and str(tmp_path) in message
+  assert ('No space left on device' in message) == says_full, message
+
+
 # ---------------------------------------------------------------------------
 # A config changed between runs of one workdir.
 
