@@ -22,6 +22,9 @@ with its neighbours: confirm a change with the model's own timing.
 
   PYTHONPATH=. python benchmarks/kernel_forms.py --batch 128 \
       --dtype bfloat16 --json kernel_forms.json
+
+``--dep_conv_blocks 1 2 8 32`` adds CPU ``dep_conv`` forms with other
+block sizes (the choice of ``kernels.DEP_CONV_BLOCK_GROUPS``).
 """
 
 from __future__ import annotations
@@ -56,9 +59,29 @@ ONE_FORM = {
 }
 
 
-def forms(name: str) -> dict[str, Callable[..., jax.Array]]:
-  """Kernel ``name``'s forms, by form name."""
-  return kernels.IMPLEMENTATIONS.get(name) or ONE_FORM[name]
+def forms(name: str, dep_conv_blocks: tuple[int, ...] = ()
+          ) -> dict[str, tuple[Callable[..., jax.Array], int | None]]:
+  """Kernel ``name``'s forms, by form name, each with the groups per block
+  of the CPU ``dep_conv`` it is traced with (None: the default). With
+  ``dep_conv_blocks``, ``grouped_shift_conv`` has a CPU form for each."""
+  found = {form: (fn, None) for form, fn in
+           (kernels.IMPLEMENTATIONS.get(name) or ONE_FORM[name]).items()}
+  if name == 'grouped_shift_conv':
+    found.update({f'cpu, blocks of {n}': (found['cpu'][0], n)
+                  for n in dep_conv_blocks})
+  return found
+
+
+@contextlib.contextmanager
+def dep_conv_block_groups(groups: int | None) -> Iterator[None]:
+  """While open, the CPU ``dep_conv`` traces with ``groups`` groups per
+  block (None: as it is)."""
+  saved = kernels.DEP_CONV_BLOCK_GROUPS
+  kernels.DEP_CONV_BLOCK_GROUPS = groups or saved
+  try:
+    yield
+  finally:
+    kernels.DEP_CONV_BLOCK_GROUPS = saved
 
 
 @contextlib.contextmanager
@@ -129,19 +152,22 @@ def median_seconds(call: Callable[[], Any], repeats: int,
 
 
 def time_forms(kernel: str, args, static: tuple, repeats: int,
-               budget_s: float) -> dict[str, dict[str, float]]:
-  """Median seconds of one call of each of ``kernel``'s forms, forward and
-  forward + backward, on random inputs shaped like ``args``."""
+               budget_s: float, dep_conv_blocks: tuple[int, ...] = ()
+               ) -> dict[str, dict[str, float]]:
+  """Median seconds of one call of each of ``kernel``'s forms
+  (``forms``), forward and forward + backward, on random inputs shaped
+  like ``args``."""
   inputs = _random(args, 0)
   results = {}
-  for form, fn in forms(kernel).items():
+  for form, (fn, groups) in forms(kernel, dep_conv_blocks).items():
     f = functools.partial(fn, **dict(static))
     cotangent = _random(jax.eval_shape(f, *inputs), 1)
-    forward = jax.jit(f).lower(*inputs).compile()
-    # The cotangent is an argument: as a constant, XLA folds the backward's
-    # pads of it at compile time (seconds each, on a GPU).
-    both = jax.jit(lambda a, c, f=f: jax.vjp(f, *a)[1](c)
-                   ).lower(inputs, cotangent).compile()
+    with dep_conv_block_groups(groups):
+      forward = jax.jit(f).lower(*inputs).compile()
+      # The cotangent is an argument: as a constant, XLA folds the
+      # backward's pads of it at compile time (seconds each, on a GPU).
+      both = jax.jit(lambda a, c, f=f: jax.vjp(f, *a)[1](c)
+                     ).lower(inputs, cotangent).compile()
     results[form] = {
         what: median_seconds(lambda c=c: jax.block_until_ready(c()),
                              repeats, budget_s)
@@ -166,6 +192,9 @@ def main(argv=None) -> int:
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--budget_s', type=float, default=1.0,
                       help='timed seconds per form and call, at most about')
+  parser.add_argument('--dep_conv_blocks', nargs='*', type=int, default=[],
+                      help="also the CPU dep_conv with these groups per "
+                      "block (its default: kernels.DEP_CONV_BLOCK_GROUPS)")
   parser.add_argument('--json', default=None)
   args = parser.parse_args(argv)
   device = jax.devices()[0]
@@ -185,7 +214,8 @@ def main(argv=None) -> int:
       key = (kernel, _describe(call_args, static))
       if key not in timed_calls:
         timed_calls[key] = time_forms(kernel, call_args, static,
-                                      args.repeats, args.budget_s)
+                                      args.repeats, args.budget_s,
+                                      tuple(args.dep_conv_blocks))
       counts[kernel] += n
       distinct[kernel] += 1
       for form, t in timed_calls[key].items():

@@ -164,6 +164,30 @@ def test_kernel_forms_counts_a_models_kernel_calls_and_times_each_form():
              for t in times.values())
 
 
+def test_kernel_forms_times_the_dep_conv_with_other_block_sizes(monkeypatch):
+  """``--dep_conv_blocks``: each block size is its own CPU form, traced
+  (forward and backward) with that many groups per block, and the default
+  is back afterwards."""
+  seen = []
+  blocks = kernels._grouped_shift_conv_blocks  # pylint: disable=protected-access
+
+  def spy(f, kernel, stride):
+    seen.append(kernels.DEP_CONV_BLOCK_GROUPS)
+    return blocks(f, kernel, stride)
+
+  monkeypatch.setattr(kernels, '_grouped_shift_conv_blocks', spy)
+  default = kernels.DEP_CONV_BLOCK_GROUPS
+  args = (jax.ShapeDtypeStruct((1, 6, 6, 8, 9), jnp.float32),
+          jax.ShapeDtypeStruct((3, 3, 9, 16), jnp.float32))
+  times = kernel_forms.time_forms('grouped_shift_conv', args,
+                                  (('stride', 1),), repeats=1, budget_s=0.1,
+                                  dep_conv_blocks=(2, 8))
+  assert set(times) == {'cpu', 'default', 'cpu, blocks of 2',
+                        'cpu, blocks of 8'}
+  assert set(seen) == {default, 2, 8}
+  assert kernels.DEP_CONV_BLOCK_GROUPS == default
+
+
 def test_the_benchmarks_and_train_step_import_without_tensorflow():
   """An accelerator image may have JAX but no TensorFlow: the models, the
   train step and the benchmark scripts load without it (only a run that

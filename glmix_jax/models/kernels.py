@@ -14,8 +14,9 @@ says *how*, for the few operations where the how matters:
 TPU compile well (grouped ``conv_general_dilated``, ``dot_general``, window
 attention as 49 unrolled shifted products with no loop), and a form tuned on
 XLA:CPU (BENCHMARKS.md: fused shifted multiply-adds with written backward
-passes, a dense block-diagonal conv, loops over cache-sized tiles). ``jax.lax.
-platform_dependent`` picks one when the program is lowered, so a program
+passes, dense convs with block-diagonal kernels, loops over cache-sized
+tiles). ``jax.lax.platform_dependent`` picks one when the program is
+lowered, so a program
 lowered for ``cuda`` or ``tpu``, even from a CPU host, holds only the
 standard form, and ``summary.count_macs`` counts the standard form: the
 MACs of the function, not of a CPU trick that does more of them.
@@ -280,21 +281,31 @@ def _grouped_shift_conv_xla(f, kernel, *, stride):
   return _conv3x3(f.reshape(b, h, w, groups * taps), kernel, stride, groups)
 
 
-# Up to this many groups, the CPU ``dep_conv`` is a dense conv with a
-# block-diagonal kernel: d times the MACs, but on XLA:CPU's fast dense conv it
-# beats the grouped conv 2-7x (measured at d = 16 and 32, 14-56 px maps).
-# Beyond, it is 81 shifted multiply-adds (``_grouped_shift_conv_taps``).
-DENSE_DEP_CONV_MAX_GROUPS = 32
+# The CPU ``dep_conv`` runs as one dense conv per block of this many groups,
+# with a block-diagonal kernel: 4x the MACs, on XLA:CPU's fast dense conv
+# (its grouped conv took 7-8x longer). In the models' forward at batch 8,
+# in-process A/B: blocks of 4 beat blocks of 2 and 8 by 3-5 % and one dense
+# conv over all 32 groups (ACmix-Swin-T) by 1.31x (BENCHMARKS.md,
+# 2026-12-06).
+DEP_CONV_BLOCK_GROUPS = 4
 
 
-def _grouped_shift_conv_dense(f, kernel, stride):
+def _grouped_shift_conv_blocks(f, kernel, stride):
+  """The grouped conv as dense convs over blocks of DEP_CONV_BLOCK_GROUPS
+  groups (the last block may be smaller), outputs concatenated in group
+  order."""
   b, h, w, groups, taps = f.shape
-  features = kernel.shape[-1]
-  per_group = kernel.reshape(3, 3, taps, groups, features // groups)
-  dense = jnp.einsum('pqtcj,ce->pqctej', per_group,
-                     jnp.eye(groups, dtype=kernel.dtype))
-  return _conv3x3(f.reshape(b, h, w, groups * taps),
-                  dense.reshape(3, 3, groups * taps, features), stride, 1)
+  per_group = kernel.reshape(3, 3, taps, groups, kernel.shape[-1] // groups)
+  outs = []
+  for start in range(0, groups, DEP_CONV_BLOCK_GROUPS):
+    block = slice(start, min(start + DEP_CONV_BLOCK_GROUPS, groups))
+    n = block.stop - block.start
+    # dense[p, q, c * 9 + t, e * J + j] = W[p, q, t, c, j] if c == e, else 0
+    dense = jnp.einsum('pqtcj,ce->pqctej', per_group[:, :, :, block],
+                       jnp.eye(n, dtype=kernel.dtype))
+    outs.append(_conv3x3(f[:, :, :, block].reshape(b, h, w, n * taps),
+                         dense.reshape(3, 3, n * taps, -1), stride, 1))
+  return jnp.concatenate(outs, axis=-1)
 
 
 def _tap_window(padded: jax.Array, p: int, q: int, out_hw: tuple[int, int],
@@ -306,55 +317,26 @@ def _tap_window(padded: jax.Array, p: int, q: int, out_hw: tuple[int, int],
                 q:q + stride * (wo - 1) + 1:stride]
 
 
-def _grouped_shift_conv_taps(f, kernel, stride):
-  """out[..., c * J + j] = sum_{p, q, t} f_pad[s y + p, s x + q, c, t]
-  * W[p, q, t, c * J + j]: the conv as 81 element-wise multiply-adds of
-  shifted maps in one fused pass, summed in float32 at least. XLA:CPU's
-  grouped conv took 3-8x longer at ACmix-ResNet's 64 and 128 groups."""
-  b, h, w, groups, taps = f.shape
-  features = kernel.shape[-1]
-  out_hw = ((h - 1) // stride + 1, (w - 1) // stride + 1)
-  padded = _pad_same(f, 3)
-  per_group = kernel.reshape(3, 3, taps, groups, features // groups)
-  acc = jnp.promote_types(f.dtype, jnp.float32)
-  out = jnp.zeros((b, *out_hw, groups, features // groups), acc)
-  with jax.named_scope(ELEMENTWISE_MACS_SCOPE):
-    for p in range(3):
-      for q in range(3):
-        window = _tap_window(padded, p, q, out_hw, stride)
-        for t in range(taps):
-          out = out + (window[..., t, None] * per_group[p, q, t]).astype(acc)
-  return out.reshape(b, *out_hw, features).astype(f.dtype)
-
-
-def _grouped_shift_conv_cpu_forward(f, kernel, stride):
-  if f.shape[3] <= DENSE_DEP_CONV_MAX_GROUPS:
-    return _grouped_shift_conv_dense(f, kernel, stride)
-  return _grouped_shift_conv_taps(f, kernel, stride)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _grouped_shift_conv_cpu(f, kernel, stride):
-  """The CPU ``dep_conv`` (``_grouped_shift_conv_cpu_forward``) with a
-  written kernel gradient: autodiff's kernel gradient of a grouped conv is a
-  conv with ``batch_group_count``, which XLA:CPU runs as plain loops (8.8 s
-  for one ACmix-ResNet stage-3 call at batch 8); here it is 9 batched
-  products, one per tap (BENCHMARKS.md, 2026-12-04)."""
-  return _grouped_shift_conv_cpu_forward(f, kernel, stride)
+  """The CPU ``dep_conv``: dense convs over blocks of groups
+  (``_grouped_shift_conv_blocks``), with a written kernel gradient:
+  autodiff's kernel gradient of a grouped conv is a conv with
+  ``batch_group_count``, which XLA:CPU runs as plain loops (8.8 s for one
+  ACmix-ResNet stage-3 call at batch 8); here it is 9 batched products, one
+  per tap (BENCHMARKS.md, 2026-12-04)."""
+  return _grouped_shift_conv_blocks(f, kernel, stride)
 
 
 def _grouped_shift_conv_cpu_fwd(f, kernel, stride):
-  return _grouped_shift_conv_cpu_forward(f, kernel, stride), (f, kernel)
+  return _grouped_shift_conv_blocks(f, kernel, stride), (f, kernel)
 
 
 def _grouped_shift_conv_cpu_bwd(stride, residuals, g):
   f, kernel = residuals
-  # The input gradient is a conv's transpose, which XLA:CPU runs well: the
-  # dense conv's, or the grouped conv's (not the 81 shifted products': 81
-  # padded adds).
-  dense = f.shape[3] <= DENSE_DEP_CONV_MAX_GROUPS
-  df = jax.vjp(lambda x: _grouped_shift_conv_dense(x, kernel, stride) if dense
-               else _grouped_shift_conv_xla(x, kernel, stride=stride),
+  # The input gradient is the block convs' transpose, which XLA:CPU runs
+  # well.
+  df = jax.vjp(lambda x: _grouped_shift_conv_blocks(x, kernel, stride),
                f)[1](g)[0]
   b, ho, wo, features = g.shape
   groups, taps = f.shape[3:]
