@@ -16,10 +16,9 @@ attention as 49 unrolled shifted products with no loop), and a form tuned on
 XLA:CPU (BENCHMARKS.md: fused shifted multiply-adds with written backward
 passes, dense convs with block-diagonal kernels, loops over cache-sized
 tiles). ``jax.lax.platform_dependent`` picks one when the program is
-lowered, so a program
-lowered for ``cuda`` or ``tpu``, even from a CPU host, holds only the
-standard form, and ``summary.count_macs`` counts the standard form: the
-MACs of the function, not of a CPU trick that does more of them.
+lowered, so a program lowered for ``cuda`` or ``tpu``, even from a CPU host,
+holds only the standard form, and ``summary.count_macs`` counts the standard
+form: the MACs of the function, not of a CPU trick that does more of them.
 
 **Per device.** Under a context mesh (``sharding.traced_on``, as the train
 and eval steps are traced) ``per_example`` runs each CPU form inside
