@@ -10,6 +10,9 @@ checkout of rayleizhu/GLMix or LeapLabTHU/ACmix outside this repository).
 Protocol, one line each: after building the model and one warm-up call it
 prints a JSON line (torch version, threads); then for every line read from
 stdin it makes one call and prints its seconds; it exits at end of input.
+With ``--stage_times N`` it prints instead one JSON line, the median seconds
+of each part of an official GLNet's eval forward over N calls, and exits
+(``benchmarks/profile_stages.py``).
 
 On a GPU (``--device=cuda``) a call's seconds end at ``torch.cuda.
 synchronize()``, and ``--dtype=bfloat16`` runs it under ``torch.autocast``
@@ -25,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 import types
@@ -143,6 +147,36 @@ def step_function(model: torch.nn.Module, mode: str, images: torch.Tensor,
   return train_step
 
 
+def stage_times(model: torch.nn.Module, images: torch.Tensor,
+                repeats: int) -> dict[str, float]:
+  """Median eval-forward seconds of each part of an official GLNet (its
+  ``downsample_layers[i]`` as ``down{i}``, ``stages[i]`` as ``stage{i+1}``,
+  timed by forward hooks) and of the whole forward (``total``), over
+  ``repeats`` calls after one warm-up."""
+  times: dict[str, list[float]] = {}
+
+  def hook(name, module):
+    module.register_forward_pre_hook(
+        lambda *_: times.setdefault(name, []).append(-time.perf_counter()))
+    def done(*_):
+      times[name][-1] += time.perf_counter()
+    module.register_forward_hook(done)
+
+  for i, (down, stage) in enumerate(zip(model.downsample_layers,
+                                        model.stages)):
+    hook(f'down{i}', down)
+    hook(f'stage{i + 1}', stage)
+  model.eval()
+  total = []
+  with torch.no_grad():
+    for _ in range(repeats + 1):
+      start = time.perf_counter()
+      model(images)
+      total.append(time.perf_counter() - start)
+  medians = {name: statistics.median(t[1:]) for name, t in times.items()}
+  return dict(medians, total=statistics.median(total[1:]))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--official', required=True)
@@ -154,6 +188,9 @@ def main():
   parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
                       default='float32')
+  parser.add_argument('--stage_times', type=int, default=0, metavar='N',
+                      help='print the median seconds of each part of an '
+                      'eval forward over N calls (stage_times) and exit')
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -161,6 +198,9 @@ def main():
     model = build(args.official, args.model).to(args.device)
   images = torch.randn(args.batch, 3, args.size, args.size,
                        device=args.device)
+  if args.stage_times:
+    print(json.dumps(stage_times(model, images, args.stage_times)))
+    return
   call = step_function(model, args.mode, images, args.dtype)
   call()  # warm-up
   cuda = args.device == 'cuda'

@@ -11,9 +11,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from benchmarks import kernel_forms, throughput
+from benchmarks import kernel_forms, profile_stages, throughput
 from glmix_jax import models
 from glmix_jax.models import kernels, summary
 
@@ -188,11 +189,33 @@ def test_kernel_forms_times_the_dep_conv_with_other_block_sizes(monkeypatch):
   assert kernels.DEP_CONV_BLOCK_GROUPS == default
 
 
+def test_profile_stages_times_the_models_own_parts(capsys):
+  """The parts, run one after the other, are the model's forward: chained,
+  they give its stage-4 map; every part gets a row."""
+  overrides = dict(depths=(1, 1, 1, 1))
+  programs, variables, last = profile_stages.part_programs(
+      'glnet_stl', 2, 64, overrides)
+  model = models.build('glnet_stl', **overrides)
+  images = programs['total'][1]
+  _, features = model.apply(variables, images, return_features=True)
+  np.testing.assert_allclose(last, features['stage4'], rtol=1e-5, atol=1e-5)
+  assert set(programs) == {*profile_stages.PARTS, 'total'}
+
+  profile_stages.main(['--size=64', '--batch=1', '--repeats=1',
+                       '--override=depths=(1, 1, 1, 1)'])
+  rows = [line.split(' | ')[0].strip('| ')
+          for line in capsys.readouterr().out.splitlines()[3:]]
+  assert rows == [*profile_stages.PARTS, 'rest', 'total']
+  with pytest.raises(ValueError, match='not a plain GLNet'):
+    profile_stages.part_programs('acmix_resnet50', 1, 64, {})
+
+
 def test_the_benchmarks_and_train_step_import_without_tensorflow():
   """An accelerator image may have JAX but no TensorFlow: the models, the
   train step and the benchmark scripts load without it (only a run that
   writes TensorBoard metrics imports it, through clu)."""
   code = ('import sys; import benchmarks.throughput, benchmarks.kernel_forms, '
+          'benchmarks.profile_stages, '
           'glmix_jax.train_lib; '
           'print(sorted(m for m in sys.modules if m.startswith("tensorflow")))')
   out = subprocess.run([sys.executable, '-c', code], check=True,
