@@ -27,7 +27,6 @@ import subprocess
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import throughput
@@ -113,7 +112,7 @@ def main(argv=None):
       times['rest'] = times['total'] - sum(times[p] for p in PARTS)
   print(f'{args.model}, batch {args.batch}, {args.size}x{args.size}, '
         f'float32, eval; median ms of {args.repeats} (share of total)')
-  print(f'| part | ours | official | official / ours |\n|---|---:|---:|---:|')
+  print('| part | ours | official | official / ours |\n|---|---:|---:|---:|')
   for part in (*PARTS, 'rest', 'total'):
     cells = [f'{1e3 * t[part]:.1f} ({t[part] / t["total"]:.0%})'
              if t else '-' for t in (ours, theirs)]
