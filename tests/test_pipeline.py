@@ -3,7 +3,10 @@ labels end to end, exact resume, per-process splits, padded evaluation."""
 
 import functools
 import io
+import multiprocessing
+import os
 import tarfile
+import threading
 import time
 
 import flax.linen as nn
@@ -123,6 +126,65 @@ def test_batches_are_the_same_for_any_worker_and_thread_count(train):
     for got, want in zip(evaluated, eval_expected):
       for key in want:
         np.testing.assert_array_equal(got[key], want[key])
+
+
+def _comm(process) -> str:
+  """The name a worker took (``pipeline._worker_setup``)."""
+  with open(f'/proc/{process.pid}/comm', encoding='utf-8') as f:
+    return f.read().strip()
+
+
+def decode_unless(stop_file, data, rng):
+  """``decode``, but blocks while ``stop_file`` exists: a worker stuck in a
+  record (a hung file system, a pathological image)."""
+  while os.path.exists(stop_file):
+    time.sleep(0.05)
+  return decode_uint8(data)
+
+
+def test_closing_ends_workers_stuck_in_a_record(train, tmp_path, monkeypatch,
+                                                capsys):
+  """Grain's own close would wait for ever on a worker stuck in a record
+  (google/grain#1372); ours kills that pipeline's workers after
+  CLOSE_TIMEOUT_S, and only that pipeline's."""
+  monkeypatch.setattr(pipeline, 'CLOSE_TIMEOUT_S', 2.0)
+  stop_file = tmp_path / 'stuck'
+  parallelism = dict(num_workers=2, num_threads=1, prefetch=1)
+  other = pipeline.train_batches(train, decode, seed=1, global_batch=8,
+                                 **parallelism)
+  expected = take(pipeline.train_batches(train, decode, seed=1,
+                                         global_batch=8), 2)
+  try:
+    np.testing.assert_array_equal(next(other)['image'], expected[0]['image'])
+    other_name = _comm(next(iter(multiprocessing.active_children())))
+    stream = pipeline.train_batches(
+        train, functools.partial(decode_unless, str(stop_file)), seed=0,
+        global_batch=8, **parallelism)
+    next(stream)
+    deadline = time.time() + 120  # until all four workers have started
+    while len(multiprocessing.active_children()) < 4 and time.time() < deadline:
+      time.sleep(0.1)
+    others = {p for p in multiprocessing.active_children()
+              if _comm(p) == other_name}
+    workers = set(multiprocessing.active_children()) - others
+    assert len(workers) == len(others) == 2
+    stop_file.touch()  # the workers, making the next chunks, block
+    time.sleep(1.0)
+    closing = threading.Thread(target=stream.close, daemon=True)
+    closing.start()
+    closing.join(120)  # a hang detector, not a speed limit
+    hung = closing.is_alive()
+    stop_file.unlink()  # frees the workers, should the close have hung
+    assert not hung, 'close() hung on the stuck workers'
+    assert 'had not stopped 2 s after the input was closed' in (
+        capsys.readouterr().err)
+    for p in workers:
+      p.join(30)  # the killed ones are gone; the others exit on the unlink
+    assert not [p for p in workers if p.is_alive()]
+    assert all(p.is_alive() for p in others)
+    np.testing.assert_array_equal(next(other)['image'], expected[1]['image'])
+  finally:
+    other.close()
 
 
 def test_prefetch_holds_a_few_batches_whatever_the_batch_size(train):

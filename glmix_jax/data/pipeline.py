@@ -40,8 +40,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import multiprocessing
+import os
+import secrets
 import signal
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 import grain
@@ -64,6 +68,10 @@ MAX_REAL_LABELS = 10
 # over (a shared-memory copy and a pickle) costs little per image, small
 # enough that W workers hold W chunks, not W batches, of host memory.
 MAX_CHUNK = 32
+
+# How long closing a pipeline waits for its workers to stop before it kills
+# them (``_close``): far longer than a worker takes to finish a chunk.
+CLOSE_TIMEOUT_S = 30.0
 
 
 def _prepared_builder(dataset: str, data_dir: str | None):
@@ -295,18 +303,70 @@ def chunk_size(batch: int) -> int:
   return max(d for d in range(1, min(batch, MAX_CHUNK) + 1) if batch % d == 0)
 
 
-def _worker_signals(worker_index: int, worker_count: int) -> None:
+def _worker_setup(name: str, worker_index: int, worker_count: int) -> None:
   """In each worker: SIGTERM / SIGINT sent to the whole process group (a
   preemption, Ctrl-C) are the trainer's to handle, so the workers keep the
-  input flowing until it saves and closes them; and a trainer that dies
-  without closing them (SIGKILL, the OOM killer) takes them with it (Linux's
-  parent-death signal), rather than leaving them blocked on a full buffer."""
+  input flowing until it saves and closes them; a trainer that dies without
+  closing them (SIGKILL, the OOM killer) takes them with it (Linux's
+  parent-death signal), rather than leaving them blocked on a full buffer;
+  and the process takes its pipeline's ``name`` (what ``top`` shows), by
+  which ``_close`` finds it."""
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   if sys.platform.startswith('linux'):
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    pr_set_pdeathsig, pr_set_name = 1, 15
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    libc.prctl(pr_set_name, ctypes.c_char_p(name.encode()))
+
+
+def _workers_named(name: str) -> list[int]:
+  """The pids of this process's input workers that took ``name``."""
+  pids = []
+  for child in multiprocessing.active_children():
+    try:
+      with open(f'/proc/{child.pid}/comm', encoding='utf-8') as f:
+        if f.read().strip() == name:
+          pids.append(child.pid)
+    except OSError:  # exited meanwhile, or no /proc
+      pass
+  return pids
+
+
+def _close(iterator, name: str) -> None:
+  """Closes a pipeline's iterator, its threads and its workers, in bounded
+  time.
+
+  Grain's close (0.2.18) stops each prefetch thread before the source it
+  reads (google/grain#1372); a thread waiting on a worker that is stuck in
+  one record (a hung file system, a pathological image) would wait for
+  ever, and the close with it: the run would never reach its final
+  evaluation or exit. So after ``CLOSE_TIMEOUT_S`` the pipeline's own
+  workers are killed; the waits then end with Grain's "worker process was
+  terminated" error, and the close completes.
+  """
+  closing = threading.Thread(target=iterator.close, daemon=True,
+                             name=f'close {name}')
+  closing.start()
+  closing.join(CLOSE_TIMEOUT_S)
+  if not closing.is_alive():
+    return
+  stuck = _workers_named(name)
+  print(f'warning: the input workers {stuck} had not stopped '
+        f'{CLOSE_TIMEOUT_S:.0f} s after the input was closed (one stuck '
+        'reading or decoding a record?); killing them.', file=sys.stderr,
+        flush=True)
+  _kill(stuck)
+  closing.join()
+
+
+def _kill(pids: list[int]) -> None:
+  for pid in pids:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
 
 
 def _join(chunks: list[Batch]) -> Batch:
@@ -324,6 +384,7 @@ def _batched(examples: grain.MapDataset, batch: int, *, num_workers: int,
         f'prefetch={prefetch}: use num_workers >= 0 (0: in this process), '
         'num_threads >= 1 and prefetch >= 1.')
   chunk = chunk_size(batch)
+  name = f'glmix-in-{secrets.token_hex(3)}'  # Linux keeps 15 characters
   # Each reading thread keeps one chunk ready.
   chunks = examples.batch(chunk, drop_remainder=True).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads,
@@ -340,14 +401,15 @@ def _batched(examples: grain.MapDataset, batch: int, *, num_workers: int,
     chunks = chunks.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers,
                                      per_worker_buffer_size=1),
-        worker_init_fn=_worker_signals)
+        worker_init_fn=functools.partial(_worker_setup, name))
   batches = grain.experimental.ThreadPrefetchIterDataset(
       chunks.batch(batch // chunk, drop_remainder=True, batch_fn=_join),
       prefetch_buffer_size=prefetch)
   iterator = iter(batches)
   try:
-    yield from iterator
+    # Not ``yield from``: closing this generator would close ``iterator``
+    # directly, without ``_close``'s deadline.
+    for ready in iterator:
+      yield ready
   finally:  # stops the workers at once, not when garbage-collected
-    close = getattr(iterator, 'close', None)
-    if close is not None:
-      close()
+    _close(iterator, name)
