@@ -346,27 +346,36 @@ def _close(iterator, name: str) -> None:
   workers are killed; the waits then end with Grain's "worker process was
   terminated" error, and the close completes.
   """
-  closing = threading.Thread(target=iterator.close, daemon=True,
-                             name=f'close {name}')
+  errors = []
+
+  def close():
+    try:
+      iterator.close()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  closing = threading.Thread(target=close, daemon=True, name=f'close {name}')
   closing.start()
   closing.join(CLOSE_TIMEOUT_S)
-  if not closing.is_alive():
-    return
+  if closing.is_alive():
+    _kill_stuck(closing, name)
+  if errors:  # as if closed in this thread
+    raise errors[0]
+
+
+def _kill_stuck(closing: threading.Thread, name: str) -> None:
+  """Kills the workers named ``name`` and waits for ``closing`` to end."""
   stuck = _workers_named(name)
   print(f'warning: the input workers {stuck} had not stopped '
         f'{CLOSE_TIMEOUT_S:.0f} s after the input was closed (one stuck '
         'reading or decoding a record?); killing them.', file=sys.stderr,
         flush=True)
-  _kill(stuck)
-  closing.join()
-
-
-def _kill(pids: list[int]) -> None:
-  for pid in pids:
+  for pid in stuck:
     try:
       os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
       pass
+  closing.join()
 
 
 def _join(chunks: list[Batch]) -> Batch:
