@@ -124,6 +124,17 @@ def test_adaptive_pool_bins_match_pytorch():
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize('size', [(16, 24), (14, 14), (3, 8)])
+def test_adaptive_avg_pool_is_the_bin_mean(size):
+  # Divisible sides take the window-mean path, others the bin matrices.
+  x = np.random.default_rng(0).normal(size=(2, *size, 5)).astype(np.float32)
+  rows, cols = (glnet.adaptive_pool_matrix(n, 8) for n in size)
+  expected = np.einsum('ih,jw,bhwc->bijc', rows.astype(np.float64),
+                       cols.astype(np.float64), x)
+  np.testing.assert_allclose(glnet.adaptive_avg_pool(jnp.asarray(x), 8),
+                             expected, atol=1e-6)
+
+
 def test_cluster_and_dispatch_are_convex_combinations():
   key = jax.random.PRNGKey(0)
   logits = 5 * jax.random.normal(key, (2, 64, 30))

@@ -81,8 +81,15 @@ def adaptive_pool_matrix(size: int, bins: int) -> np.ndarray:
 
 def adaptive_avg_pool(x: jax.Array, grid: int) -> jax.Array:
   """(B, H, W, C) -> (B, grid, grid, C) with PyTorch's adaptive-pool bins."""
-  rows = adaptive_pool_matrix(x.shape[1], grid)
-  cols = adaptive_pool_matrix(x.shape[2], grid)
+  b, h, w, c = x.shape
+  if h % grid == 0 and w % grid == 0:
+    # Equal, disjoint bins (GLNet-STL's first stage at 224 px): the mean of
+    # each window, in one pass over x, as PyTorch computes it. The product
+    # form below transposes the whole map first on XLA:CPU: 4-6 ms of a
+    # 65-73 ms block forward there (BENCHMARKS.md, 2026-12-07).
+    return x.reshape(b, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4))
+  rows = adaptive_pool_matrix(h, grid)
+  cols = adaptive_pool_matrix(w, grid)
   # Pooling, not a learned contraction: PyTorch's counters skip it too.
   # HIGHEST: float32 means float32 on GPU (not TF32) and TPU (not bf16
   # passes), as for the slot logits these initial slots feed.
