@@ -231,19 +231,21 @@ def prepare_jax(name: str, mode: str, *, batch: int, size: int, dtype: str,
 @contextlib.contextmanager
 def official_calls(python: str, official: str, name: str, mode: str, *,
                    batch: int, size: int, threads: int, dtype: str,
-                   tuned_malloc: bool = False
+                   tuned_malloc: bool = False, extra_args: tuple = ()
                    ) -> Iterator[tuple[dict, Callable[[], float]]]:
   """The official PyTorch ``name`` in a server process
-  (``benchmarks/torch_official.py``), on the GPU when JAX runs on one, in
-  ``dtype`` (bfloat16: under autocast): its versions, and a callable that
-  makes one call there and returns the seconds it took. It runs with the
-  system's malloc settings, as a user runs it, unless ``tuned_malloc`` (then
-  with ours, ``launch.tune_malloc_for_cpu``)."""
+  (``benchmarks/torch_official.py``, given ``extra_args`` too), on the GPU
+  when JAX runs on one, in ``dtype`` (bfloat16: under autocast): its
+  versions, and a callable that makes one call there and returns the
+  seconds it took. It runs with the system's malloc settings, as a user runs
+  it, unless ``tuned_malloc`` (then with ours,
+  ``launch.tune_malloc_for_cpu``)."""
   device = 'cuda' if jax.devices()[0].platform == 'gpu' else 'cpu'
   server = subprocess.Popen(
       [python, str(_TORCH_SCRIPT), f'--official={official}', f'--model={name}',
        f'--mode={mode}', f'--batch={batch}', f'--size={size}',
-       f'--threads={threads}', f'--device={device}', f'--dtype={dtype}'],
+       f'--threads={threads}', f'--device={device}', f'--dtype={dtype}',
+       *extra_args],
       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, env=dict(os.environ) if tuned_malloc
       else launch.without_malloc_tuning(dict(os.environ)))

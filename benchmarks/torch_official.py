@@ -12,7 +12,10 @@ prints a JSON line (torch version, threads); then for every line read from
 stdin it makes one call and prints its seconds; it exits at end of input.
 With ``--stage_times N`` it prints instead one JSON line, the median seconds
 of each part of an official GLNet's eval forward over N calls, and exits
-(``benchmarks/profile_stages.py``).
+(``benchmarks/profile_stages.py``). With ``--block K`` each call is instead
+the first block of an official GLNet's stage K on the input it gets in an
+eval forward, in eval mode: its forward, or (``--mode=train``) its forward
+and backward with the sum of its output as the loss (no update).
 
 On a GPU (``--device=cuda``) a call's seconds end at ``torch.cuda.
 synchronize()``, and ``--dtype=bfloat16`` runs it under ``torch.autocast``
@@ -118,10 +121,7 @@ def step_function(model: torch.nn.Module, mode: str, images: torch.Tensor,
   """A no-argument callable that returns when its work is done: one eval
   forward, or one AdamW training step (forward, cross-entropy, backward,
   update), under bfloat16 autocast if ``dtype`` says so."""
-  device = images.device.type
-  autocast = lambda: torch.autocast(device, dtype=torch.bfloat16,
-                                    enabled=dtype == 'bfloat16')
-  done = torch.cuda.synchronize if device == 'cuda' else lambda: None
+  autocast, done = _autocast_and_sync(images.device.type, dtype)
   if mode == 'forward':
     model.eval()
 
@@ -145,6 +145,49 @@ def step_function(model: torch.nn.Module, mode: str, images: torch.Tensor,
     done()
 
   return train_step
+
+
+def _autocast_and_sync(device: str, dtype: str):
+  """A context factory for ``dtype``'s autocast (bfloat16 or none), and the
+  wait for the device's queued work."""
+  autocast = lambda: torch.autocast(device, dtype=torch.bfloat16,
+                                    enabled=dtype == 'bfloat16')
+  return autocast, (torch.cuda.synchronize if device == 'cuda'
+                    else lambda: None)
+
+
+def block_function(model: torch.nn.Module, stage: int, mode: str,
+                   images: torch.Tensor, dtype: str = 'float32'):
+  """A no-argument callable: the first block of an official GLNet's
+  ``stage`` (1-4) on the input it gets in an eval forward of ``images``,
+  in eval mode; its forward, or for ``mode='train'`` its forward and
+  backward (the sum of its output as the loss: gradients of its parameters
+  and its input)."""
+  block = model.stages[stage - 1].blocks[0]
+  inputs = []
+  hook = block.register_forward_pre_hook(
+      lambda _, args: inputs.append(args[0].detach()))
+  model.eval()
+  with torch.no_grad():
+    model(images)
+  hook.remove()
+  x = inputs[0].requires_grad_(mode == 'train')
+  autocast, done = _autocast_and_sync(images.device.type, dtype)
+
+  def forward():
+    with torch.no_grad(), autocast():
+      block(x)
+    done()
+
+  def forward_backward():
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    with autocast():
+      loss = block(x).float().sum()
+    loss.backward()
+    done()
+
+  return forward if mode == 'forward' else forward_backward
 
 
 def stage_times(model: torch.nn.Module, images: torch.Tensor,
@@ -191,6 +234,9 @@ def main():
   parser.add_argument('--stage_times', type=int, default=0, metavar='N',
                       help='print the median seconds of each part of an '
                       'eval forward over N calls (stage_times) and exit')
+  parser.add_argument('--block', type=int, default=0, choices=range(5),
+                      metavar='K', help="time stage K's first block "
+                      '(block_function) instead of the model')
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -201,7 +247,9 @@ def main():
   if args.stage_times:
     print(json.dumps(stage_times(model, images, args.stage_times)))
     return
-  call = step_function(model, args.mode, images, args.dtype)
+  call = (block_function(model, args.block, args.mode, images, args.dtype)
+          if args.block else
+          step_function(model, args.mode, images, args.dtype))
   call()  # warm-up
   cuda = args.device == 'cuda'
   print(json.dumps(dict(

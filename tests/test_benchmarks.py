@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,6 +209,51 @@ def test_profile_stages_times_the_models_own_parts(capsys):
   assert rows == [*profile_stages.PARTS, 'rest', 'total']
   with pytest.raises(ValueError, match='not a plain GLNet'):
     profile_stages.part_programs('acmix_resnet50', 1, 64, {})
+
+
+def test_profile_stages_blocks_are_each_stages_first_block(capsys):
+  """Each block program runs its stage's first block only (stage 1 has two
+  here): the later stages' single blocks give their stage's output, and a
+  block's gradient reaches that block's parameters alone. The official
+  block (faked) is asked for the same block and mode, and the table gets a
+  row per block with the paired speed-ups."""
+  overrides = dict(depths=(2, 1, 1, 1))
+  programs, variables, _ = profile_stages.part_programs(
+      'glnet_stl', 2, 64, overrides)
+  blocks = profile_stages.block_programs('glnet_stl', programs, variables,
+                                         overrides)
+  assert list(blocks) == list(profile_stages.BLOCKS)
+  for k, (forward, backward, x) in enumerate(blocks.values()):
+    stage, stage_input = programs[f'stage{k + 1}']
+    assert x is stage_input
+    out, whole_stage = forward(variables, x), stage(variables, x)
+    if k == 0:  # one of two blocks
+      assert not np.allclose(out, whole_stage, atol=1e-3)
+    else:
+      np.testing.assert_allclose(out, whole_stage, rtol=1e-6, atol=1e-6)
+    grads, dx = backward(variables['params'], x)
+    assert dx.shape == x.shape and bool(jnp.all(jnp.isfinite(dx)))
+    touched = {path[:2] for path, g in
+               flax.traverse_util.flatten_dict(grads).items()
+               if bool(jnp.any(g != 0))}
+    assert touched == {(f'stages_{k}', 'blocks_0')}
+
+  asked = []
+
+  @contextlib.contextmanager
+  def fake_official(mode, extra_args):
+    asked.append((mode, extra_args))
+    yield dict(torch='2.x'), lambda: 1.0
+
+  results = profile_stages.time_blocks(blocks, variables, 1, fake_official)
+  assert asked == [(mode, (f'--block={k}',)) for k in range(1, 5)
+                   for mode in ('forward', 'train')]
+  for result in results.values():
+    assert result['speedup'] == pytest.approx(1.0 / result['jax']['min_s'])
+  profile_stages.print_blocks(results)
+  rows = [line.split(' | ')[0].strip('| ')
+          for line in capsys.readouterr().out.splitlines()[4:]]
+  assert rows == list(profile_stages.BLOCKS)
 
 
 def test_the_benchmarks_and_train_step_import_without_tensorflow():
