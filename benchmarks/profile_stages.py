@@ -62,6 +62,12 @@ class _Part(glnet.GLNet):
     return self._stage(i - 1, x, np.zeros(self.depths[i - 1]), False)
 
 
+def _fields(model: glnet.GLNet) -> dict:
+  """The model's constructor fields, to build a ``_Part`` of it."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.init and f.name not in ('parent', 'name')}
+
+
 def part_programs(name: str, batch: int, size: int, overrides: dict
                   ) -> tuple[dict, dict, jax.Array]:
   """name -> (jitted function, its input) for every part and ``total``, and
@@ -72,8 +78,7 @@ def part_programs(name: str, batch: int, size: int, overrides: dict
                      'GLNet stages only.')
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.init and f.name not in ('parent', 'name')}
+  fields = _fields(model)
   programs = {'total': (jax.jit(model.apply), images)}
   x = images
   for part in PARTS:
@@ -88,9 +93,7 @@ def block_programs(name: str, programs: dict, variables: dict,
   """block -> (forward, forward + backward, its input) for ``BLOCKS``, each
   on its stage's input in ``programs`` (``part_programs``)."""
   model = models.build(name, **overrides)
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.init and f.name not in ('parent', 'name')}
-  fields['depths'] = (1,) * len(model.depths)
+  fields = dict(_fields(model), depths=(1,) * len(model.depths))
   blocks = {}
   for block, stage in zip(BLOCKS, PARTS[1::2]):
     apply = _Part(**fields, part=block).apply
